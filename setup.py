@@ -1,0 +1,44 @@
+"""nbkit: train Stable Diffusion LoRAs, DreamBooth models and hypernetworks on a free Colab GPU."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+exec((here / "nbkit" / "_version.py").read_text(), version)
+
+setup(
+    name="nbkit",
+    version=version["__version__"],
+    description="Colab/Jupyter notebooks and a small library to train SD LoRA, DreamBooth and hypernetworks",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["nbkit", "nbkit.*"]),
+    include_package_data=True,
+    package_data={"nbkit": ["configs/**/*", "configs/*/*/*", "assets/*"]},
+    install_requires=[
+        # torch is never pinned to a CUDA build: Colab's own torch must stay as it is.
+        "torch>=2.1",
+        "diffusers>=0.42",
+        "transformers>=5.6",
+        "accelerate>=1.0",
+        "peft>=0.21",
+        "safetensors>=0.4",
+        "bitsandbytes>=0.50",
+        "ipywidgets>=8",
+        "matplotlib>=3.7",
+        "huggingface_hub>=1.0",
+        "pillow>=10",
+        "tqdm>=4.66",
+        "tomli-w>=1.0",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "ruff>=0.5"],
+        "tagger": ["onnxruntime>=1.17", "onnx>=1.16"],
+        "xformers": ["xformers"],
+    },
+    entry_points={"console_scripts": ["nbkit=nbkit.cli:main"]},
+)

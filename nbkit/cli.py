@@ -1,0 +1,91 @@
+"""The ``nbkit`` command. Training flags are generated from the config dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nbkit._version import __version__
+
+
+def _cmd_make_tiny_model(args) -> int:
+    from nbkit.models.tiny import make_tiny_model
+
+    paths = make_tiny_model(args.out, arch=args.arch, seed=args.seed, single_file=args.single_file)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _cmd_train_lora(args) -> int:
+    from nbkit.config import merge_cli
+    from nbkit.train.config import LoRATrainConfig
+    from nbkit.train.hooks import ProgressHooks
+    from nbkit.train.lora import train_lora
+    from nbkit.train.run_file import load_run_config, resolve_datasets
+
+    if args.config:
+        config, inline, base_dir = load_run_config(args.config, LoRATrainConfig)
+    else:
+        config, inline, base_dir = LoRATrainConfig(), {}, Path.cwd()
+    config = merge_cli(config, args)
+    datasets = resolve_datasets(config, inline, base_dir)
+    result = train_lora(config, datasets, hooks=ProgressHooks("LoRA"))
+    print(f"LoRA: {result.lora_path} ({result.steps} steps)")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from nbkit.demo import run_demo
+
+    run_demo(out=args.out, model=args.model or "", steps=args.steps)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from nbkit.config import add_dataclass_arguments
+    from nbkit.train.config import LoRATrainConfig
+
+    parser = argparse.ArgumentParser(prog="nbkit", description="Train Stable Diffusion add-ons on a free Colab GPU.")
+    parser.add_argument("--version", action="version", version=f"nbkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny-model", help="write a tiny seeded SD model (diffusers folder, optional single file)")
+    tiny.add_argument("out", help="output folder")
+    tiny.add_argument("--arch", default="sd15", choices=("sd15", "sd21", "sd21-v"))
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--single-file", action="store_true", help="also write OUT.safetensors in the original layout")
+    tiny.set_defaults(func=_cmd_make_tiny_model)
+
+    train = sub.add_parser("train", help="train a network")
+    methods = train.add_subparsers(dest="method", required=True)
+    lora = methods.add_parser("lora", help="train a LoRA (kohya option names)")
+    lora.add_argument("--config", help="run TOML (kohya option names; dataset inline or via dataset_config)")
+    add_dataclass_arguments(lora, LoRATrainConfig)
+    lora.set_defaults(func=_cmd_train_lora)
+
+    demo = sub.add_parser("demo", help="train a LoRA on a bundled tiny model and sample data (CPU, offline)")
+    demo.add_argument("--out", default="nbkit-demo", help="output folder (default: ./nbkit-demo)")
+    demo.add_argument("--model", help="a real base model (Hub id, URL or file) instead of the tiny one")
+    demo.add_argument("--steps", type=int, help="training steps (default 60 tiny, 400 real)")
+    demo.set_defaults(func=_cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from nbkit.config import ConfigError
+    from nbkit.data.images import DatasetError
+
+    try:
+        return args.func(args)
+    except (ConfigError, DatasetError) as err:
+        print(f"nbkit: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

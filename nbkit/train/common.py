@@ -1,0 +1,82 @@
+"""Helpers every training method shares: devices, precision, optimizers, text conditioning."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+from nbkit.config import ConfigError
+
+
+def resolve_mixed_precision(requested: str, device: torch.device) -> str:
+    """fp16 autocast needs a GPU; on a CPU run in fp32 and say so."""
+    if device.type == "cpu" and requested != "no":
+        warnings.warn(f"mixed_precision={requested} needs a GPU; training in fp32 on the CPU", stacklevel=2)
+        return "no"
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError("mixed_precision=bf16: this GPU has no bf16 (a T4 does not): use fp16")
+    return requested
+
+
+def weight_dtype_for(mixed_precision: str) -> torch.dtype:
+    """dtype of the *frozen* weights; trainable weights always stay fp32 (master weights)."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def save_dtype_for(save_precision: str | None) -> torch.dtype:
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(save_precision or "float", torch.float32)
+
+
+def make_optimizer(name: str, param_groups: list[dict], lr: float) -> torch.optim.Optimizer:
+    if name == "AdamW":
+        return torch.optim.AdamW(param_groups, lr=lr)
+    if name == "AdamW8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:  # pragma: no cover - bitsandbytes is a dependency
+            raise ConfigError(f"optimizer_type=AdamW8bit needs bitsandbytes>=0.50 ({err}): pip install 'bitsandbytes>=0.50'") from None
+        return bnb.optim.AdamW8bit(param_groups, lr=lr)
+    raise ConfigError(f"optimizer_type={name!r} is not supported yet: use AdamW or AdamW8bit")
+
+
+def make_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+
+
+def total_steps_for(max_train_steps: int, max_train_epochs: int | None, batches_per_epoch: int, grad_accum: int) -> int:
+    """kohya: max_train_epochs, when set, overrides max_train_steps."""
+    if max_train_epochs:
+        return max_train_epochs * math.ceil(batches_per_epoch / grad_accum)
+    return max_train_steps
+
+
+def encode_prompts(tokenizer, text_encoder, captions: list[str], clip_skip: int | None, device) -> torch.Tensor:
+    """CLIP hidden states for captions (75 tokens). ``clip_skip=n`` takes ``hidden_states[-n]``
+    followed by the final LayerNorm, as kohya and A1111 do."""
+    ids = tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+    if not clip_skip or clip_skip <= 1:
+        return text_encoder(ids)[0]
+    out = text_encoder(ids, output_hidden_states=True)
+    hidden = out.hidden_states[-clip_skip]
+    final_norm = getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm")
+    return final_norm(hidden)
+
+
+def training_noise_scheduler(prediction_type: str):
+    """The DDPM schedule SD was trained with (kohya builds the same one)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        prediction_type=prediction_type,
+    )

@@ -1,0 +1,88 @@
+"""Training configs. Field names are kohya sd-scripts option names; defaults suit a free Colab T4.
+
+``TrainConfig`` holds what every method shares; each method adds its own fields
+(``LoRATrainConfig`` here; DreamBooth and hypernetwork configs follow the same pattern).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from nbkit.config import help_
+
+PRECISIONS = ("no", "fp16", "bf16")
+SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
+OPTIMIZERS = ("AdamW", "AdamW8bit")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+
+
+@dataclass
+class TrainConfig:
+    # --- model
+    pretrained_model_name_or_path: str = field(
+        default="",
+        metadata=help_("Base model: a diffusers folder, a Hugging Face repo id, an https URL to a "
+                       ".safetensors/.ckpt, or a local single-file checkpoint."),
+    )
+    v2: bool | None = field(default=None, metadata=help_("SD2.x model (detected from the weights when unset).", "advanced"))
+    v_parameterization: bool | None = field(
+        default=None, metadata=help_("v-prediction model such as SD2.1-768 (detected when unset).", "advanced")
+    )
+    # --- data
+    dataset_config: str | None = field(
+        default=None, metadata=help_("Path to a kohya dataset TOML ([general], [[datasets]], [[datasets.subsets]]).")
+    )
+    resolution: int = field(default=512, metadata=help_("Training resolution in pixels (square)."))
+    cache_latents: bool = field(default=True, metadata=help_("Encode every image once with the VAE, then free the VAE."))
+    # --- output
+    output_dir: str = field(default="output", metadata=help_("Folder for the trained files."))
+    output_name: str = field(default="last", metadata=help_("File name (without extension) of the result."))
+    save_precision: str | None = field(
+        default=None,
+        metadata=help_("dtype of the saved file: float/fp32 (default: as trained), fp16 or bf16.", "basic", SAVE_PRECISIONS),
+    )
+    save_every_n_epochs: int | None = field(
+        default=None, metadata=help_("Also save {output_name}-{epoch:06d} every N epochs.", "advanced")
+    )
+    # --- optimisation
+    learning_rate: float = field(default=1e-4, metadata=help_("Learning rate (used where unet_lr/text_encoder_lr are unset)."))
+    train_batch_size: int = field(default=1, metadata=help_("Images per step (per GPU). 1-2 on a T4 at 512 px."))
+    max_train_steps: int = field(default=1600, metadata=help_("Number of optimizer steps (ignored if max_train_epochs is set)."))
+    max_train_epochs: int | None = field(default=None, metadata=help_("Train for this many epochs instead of max_train_steps."))
+    gradient_accumulation_steps: int = field(default=1, metadata=help_("Micro-batches per optimizer step.", "advanced"))
+    optimizer_type: str = field(default="AdamW8bit", metadata=help_("Optimizer: AdamW8bit (least VRAM) or AdamW.", "basic", OPTIMIZERS))
+    max_grad_norm: float = field(default=1.0, metadata=help_("Gradient clipping norm (0 = off).", "advanced"))
+    lr_scheduler: str = field(default="constant", metadata=help_("Learning-rate schedule.", "advanced", LR_SCHEDULERS))
+    lr_warmup_steps: int = field(default=0, metadata=help_("Warm-up steps for the schedule.", "advanced"))
+    mixed_precision: str = field(
+        default="fp16", metadata=help_("Autocast precision: fp16 on a T4 (it has no bf16); 'no' on CPU.", "basic", PRECISIONS)
+    )
+    gradient_checkpointing: bool = field(default=True, metadata=help_("Recompute activations in backward: much less VRAM, ~20% slower."))
+    sdpa: bool = field(default=True, metadata=help_("PyTorch scaled-dot-product attention (memory-efficient kernel on a T4).", "advanced"))
+    prior_loss_weight: float = field(default=1.0, metadata=help_("Loss weight of regularisation (is_reg) images.", "advanced"))
+    clip_skip: int | None = field(default=None, metadata=help_("Use the n-th last text-encoder layer (2 for many anime models).", "advanced"))
+    seed: int = field(default=42, metadata=help_("Random seed for noise, timesteps and shuffling."))
+    max_data_loader_n_workers: int = field(default=0, metadata=help_("Image loading workers (Colab has 2 vCPUs).", "advanced"))
+
+
+@dataclass
+class LoRATrainConfig(TrainConfig):
+    network_module: str = field(default="networks.lora", metadata=help_("Network type (kohya name).", "advanced", ("networks.lora",)))
+    network_dim: int = field(default=16, metadata=help_("LoRA rank. 8-32 for a character or style."))
+    network_alpha: float = field(default=8.0, metadata=help_("LoRA alpha; the update is scaled by alpha/dim."))
+    unet_lr: float | None = field(default=None, metadata=help_("U-Net learning rate (default: learning_rate)."))
+    text_encoder_lr: float | None = field(default=None, metadata=help_("Text encoder learning rate (default: learning_rate)."))
+    network_train_unet_only: bool = field(default=False, metadata=help_("Train only the U-Net LoRA (saves VRAM)."))
+    network_train_text_encoder_only: bool = field(default=False, metadata=help_("Train only the text-encoder LoRA.", "advanced"))
+    network_weights: str | None = field(
+        default=None, metadata=help_("Start from an existing kohya LoRA file (continue training).", "advanced")
+    )
+    training_comment: str | None = field(default=None, metadata=help_("Stored as ss_training_comment in the file.", "advanced"))
+
+    @property
+    def train_unet(self) -> bool:
+        return not self.network_train_text_encoder_only
+
+    @property
+    def train_text_encoder(self) -> bool:
+        return not self.network_train_unet_only

@@ -1,0 +1,237 @@
+"""LoRA training: one loop that reads top to bottom.
+
+Setup: load the base model, freeze it, inject LoRA (kohya's target set) with fp32 weights,
+cache latents, build optimizer and schedule. Then per step: noise, predict, loss, backward,
+clip, step, log, save, stop. The result is a kohya-format ``.safetensors`` that A1111,
+ComfyUI, kohya and diffusers load as it is.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from nbkit.data.dataset_config import DatasetSpec
+from nbkit.data.train_data import (
+    batch_captions,
+    cache_latents,
+    collect_items,
+    dataset_dirs,
+    epoch_batches,
+    tag_frequency,
+)
+from nbkit.train.common import (
+    encode_prompts,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_mixed_precision,
+    save_dtype_for,
+    total_steps_for,
+    training_noise_scheduler,
+    weight_dtype_for,
+)
+from nbkit.train.config import LoRATrainConfig
+from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
+
+
+@dataclass
+class TrainResult:
+    lora_path: Path
+    steps: int
+    losses: list[float]
+    pipeline: object = field(repr=False)  # the base pipeline with the trained LoRA injected
+    saved: list[Path] = field(default_factory=list)
+
+
+def train_lora(
+    config: LoRATrainConfig,
+    datasets: list[DatasetSpec],
+    hooks: TrainHooks | None = None,
+    pipeline=None,
+    device: str | torch.device | None = None,
+) -> TrainResult:
+    """Train a LoRA. ``pipeline`` may be given to reuse an already loaded base model."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from nbkit.models.load import load_pipeline
+    from nbkit.networks.lora import inject_lora, lora_parameters
+
+    # ---- setup: devices and precision. Frozen weights may be fp16; trainable ones stay fp32.
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    mixed_precision = resolve_mixed_precision(config.mixed_precision, device)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cpu=device.type == "cpu",
+    )
+    set_seed(config.seed)
+    rng = random.Random(config.seed)
+    recorder = LossRecorder(Path(config.output_dir) / "logs" / f"{config.output_name}_loss.csv")
+    hooks = HookList([recorder, hooks])
+    started_at = time.time()
+
+    # ---- model: load, freeze, inject LoRA
+    if pipeline is None:
+        pipeline, info = load_pipeline(
+            config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization
+        )
+    else:
+        from nbkit.models.load import describe_pipeline
+
+        info = describe_pipeline(pipeline, config.v2, config.v_parameterization)
+    unet, text_encoder, vae, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.vae, pipeline.tokenizer
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False)
+    weight_dtype = weight_dtype_for(mixed_precision)
+    vae.to(device, dtype=torch.float32)  # the VAE encodes in fp32: fp16 SD VAEs overflow to NaN
+    unet.to(device, dtype=weight_dtype)
+    text_encoder.to(device, dtype=weight_dtype)
+    inject_lora(
+        unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
+        train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
+    )
+    if config.network_weights:
+        from nbkit.formats.kohya_lora import load_kohya_lora
+
+        load_kohya_lora(config.network_weights, unet, text_encoder)
+    unet_params = list(lora_parameters(unet)) if config.train_unet else []
+    te_params = list(lora_parameters(text_encoder)) if config.train_text_encoder else []
+    for p in unet_params + te_params:
+        p.data = p.data.float()  # fp32 master weights: GradScaler refuses fp16 trainables
+        p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if te_params:
+            text_encoder.gradient_checkpointing_enable()
+    if config.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+    # ---- data: captions and cached latents (the VAE then leaves the GPU)
+    items = collect_items(datasets)
+    if not config.cache_latents:
+        raise NotImplementedError("cache_latents=false is not supported yet: latents are always cached")
+    latents = cache_latents(items, vae, device, torch.float32)
+    vae.to("cpu")
+    batch_size = datasets[0].batch_size
+    batches_per_epoch = len(epoch_batches(items, batch_size, random.Random(0)))
+    total_steps = total_steps_for(
+        config.max_train_steps, config.max_train_epochs, batches_per_epoch, config.gradient_accumulation_steps
+    )
+
+    # ---- optimizer and schedule (separate learning rates, kohya's unet_lr / text_encoder_lr)
+    groups = []
+    if unet_params:
+        groups.append({"params": unet_params, "lr": config.unet_lr or config.learning_rate})
+    if te_params:
+        groups.append({"params": te_params, "lr": config.text_encoder_lr or config.learning_rate})
+    optimizer = make_optimizer(config.optimizer_type, groups, config.learning_rate)
+    lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps)
+    unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
+    noise_scheduler = training_noise_scheduler("v_prediction" if info.v_parameterization else "epsilon")
+    alphas = noise_scheduler.alphas_cumprod.to(device)
+
+    hooks.on_train_start(total_steps, {"images": len(items), "batches_per_epoch": batches_per_epoch})
+    unet.train()
+    text_encoder.train(bool(te_params))
+    step, epoch, saved = 0, 0, []
+    while step < total_steps and not hooks.should_stop():
+        epoch += 1
+        for batch in epoch_batches(items, batch_size, rng):
+            with accelerator.accumulate(unet, text_encoder):
+                # Forward: the diffusion objective on cached latents.
+                x0 = torch.stack([latents[key] for key in batch]).to(device)
+                noise = torch.randn_like(x0)
+                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
+                noisy = noise_scheduler.add_noise(x0, noise, t)
+                with torch.set_grad_enabled(bool(te_params)):
+                    cond = encode_prompts(tokenizer, text_encoder, batch_captions(items, batch, rng), config.clip_skip, device)
+                with accelerator.autocast():
+                    pred = unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample
+                target = noise_scheduler.get_velocity(x0, noise, t) if info.v_parameterization else noise
+                # Per-sample MSE; regularisation images are weighted by prior_loss_weight.
+                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+                weights = torch.tensor(
+                    [config.prior_loss_weight if items[i].subset.is_reg else 1.0 for i, _ in batch], device=device
+                )
+                loss = (loss * weights).mean()
+                # Backward, clip, step.
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(unet_params + te_params, config.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            hooks.on_step(step, loss.item(), lr_scheduler.get_last_lr()[0])
+            if step >= total_steps or hooks.should_stop():
+                break
+        hooks.on_epoch_end(epoch, step)
+        if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
+            saved.append(_save(config, f"{config.output_name}-{epoch:06d}", unet, text_encoder, info, items,
+                               datasets, step, epoch, started_at, accelerator, hooks))
+
+    # ---- save the final file
+    final = _save(config, config.output_name, unet, text_encoder, info, items, datasets, step, epoch,
+                  started_at, accelerator, hooks)
+    saved.append(final)
+    hooks.on_train_end(step)
+    pipeline.unet, pipeline.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    return TrainResult(lora_path=final, steps=step, losses=recorder.losses, pipeline=pipeline, saved=saved)
+
+
+def _save(config, name, unet, text_encoder, info, items, datasets, step, epoch, started_at, accelerator, hooks) -> Path:
+    from peft.utils import get_peft_model_state_dict
+
+    from nbkit.formats.kohya_lora import LoraMetadataInput, build_metadata, peft_to_kohya, save_kohya_lora
+
+    unet = accelerator.unwrap_model(unet)
+    text_encoder = accelerator.unwrap_model(text_encoder)
+    unet_sd = get_peft_model_state_dict(unet) if config.train_unet else {}
+    te_sd = get_peft_model_state_dict(text_encoder) if config.train_text_encoder else None
+    state = peft_to_kohya(unet_sd, te_sd, alphas=config.network_alpha)
+    res = datasets[0].resolution
+    metadata = build_metadata(LoraMetadataInput(
+        network_dim=config.network_dim,
+        network_alpha=config.network_alpha,
+        v2=info.v2,
+        v_parameterization=info.v_parameterization,
+        output_name=name,
+        steps=step,
+        epoch=epoch,
+        learning_rate=config.learning_rate,
+        unet_lr=config.unet_lr,
+        text_encoder_lr=config.text_encoder_lr,
+        resolution=res,
+        num_train_images=sum(i.repeats for i in items),
+        tag_frequency=tag_frequency(items),
+        dataset_dirs=dataset_dirs(items),
+        clip_skip=config.clip_skip,
+        mixed_precision=config.mixed_precision,
+        seed=config.seed,
+        optimizer=config.optimizer_type,
+        sd_model_name=str(config.pretrained_model_name_or_path),
+        training_started_at=started_at,
+        training_finished_at=time.time(),
+        training_comment=config.training_comment,
+        max_train_steps=config.max_train_steps,
+        train_batch_size=config.train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        lr_scheduler=config.lr_scheduler,
+        title=name,
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    ))
+    path = Path(config.output_dir) / f"{name}.safetensors"
+    save_kohya_lora(state, path, metadata, save_dtype_for(config.save_precision))
+    hooks.on_save(path, step)
+    return path

@@ -1,0 +1,45 @@
+"""Run files: one TOML with the training options, and the dataset inline or by reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+from nbkit.config import ConfigError, flatten_run_toml, from_dict, load_toml, to_dict
+from nbkit.data.dataset_config import DatasetSpec, load_dataset_config, parse_dataset_config
+
+T = TypeVar("T")
+
+
+def load_run_config(path: str | Path, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
+    """Return (config, inline dataset tables, folder relative paths start from)."""
+    path = Path(path)
+    options, inline = flatten_run_toml(load_toml(path))
+    config = from_dict(cls, options, where=str(path))
+    return config, inline, path.parent.resolve()
+
+
+def resolve_datasets(config, inline: dict[str, Any] | None, base_dir: Path | None) -> list[DatasetSpec]:
+    """Datasets from the run file's inline tables, or from ``dataset_config``."""
+    defaults = {"resolution": config.resolution, "batch_size": config.train_batch_size}
+    base_dir = base_dir or Path.cwd()
+    if inline:
+        if config.dataset_config:
+            raise ConfigError("the run file has both dataset_config and inline [[datasets]]: keep one")
+        return parse_dataset_config(inline, "run file datasets", base_dir, defaults)
+    if not config.dataset_config:
+        raise ConfigError(
+            "no dataset: set dataset_config = \"dataset.toml\" or add [[datasets]] / [[datasets.subsets]] tables"
+        )
+    dataset_path = Path(config.dataset_config).expanduser()
+    if not dataset_path.is_absolute():
+        dataset_path = base_dir / dataset_path
+    return load_dataset_config(dataset_path, defaults)
+
+
+def run_config_dict(config, datasets_raw: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A run TOML dict (options, then inline datasets if given)."""
+    out = to_dict(config)
+    if datasets_raw:
+        out.update(datasets_raw)
+    return out

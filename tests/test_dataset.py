@@ -1,0 +1,81 @@
+"""Training items from kohya subsets: captions, repeats, reg balancing, image handling."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from PIL import Image
+
+from nbkit.data.dataset_config import DatasetSpec, SubsetSpec
+from nbkit.data.images import DatasetError, open_rgb, resize_center_crop
+from nbkit.data.train_data import collect_items, epoch_batches, tag_frequency
+
+
+def _images(folder, n, captions=None, ext=".txt"):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.new("RGB", (40 + i, 30), (i * 20, 0, 0)).save(folder / f"img{i}.png")
+        if captions:
+            (folder / f"img{i}{ext}").write_text(captions[i % len(captions)])
+    return folder
+
+
+def test_captions_class_tokens_and_missing_caption(tmp_path):
+    folder = _images(tmp_path / "a", 2, ["red, circle"], ext=".caption")
+    (folder / "img1.caption").unlink()
+    sub = SubsetSpec(image_dir=folder, class_tokens="sks dog")
+    items = collect_items([DatasetSpec(resolution=(32, 32), subsets=[sub])])
+    assert [i.caption for i in items] == ["red, circle", "sks dog"]
+    sub.class_tokens = None
+    with pytest.raises(DatasetError, match=r"img1\.png.*no caption file 'img1\.caption'.*class_tokens"):
+        collect_items([DatasetSpec(subsets=[sub])])
+
+
+def test_reg_repeats_balanced_like_kohya(tmp_path):
+    train = SubsetSpec(image_dir=_images(tmp_path / "t", 3, ["x"]), num_repeats=5, caption_extension=".txt")
+    reg = SubsetSpec(image_dir=_images(tmp_path / "r", 4, ["y"]), num_repeats=1, is_reg=True, caption_extension=".txt")
+    items = collect_items([DatasetSpec(resolution=(32, 32), subsets=[train, reg])])
+    assert sum(i.repeats for i in items if not i.subset.is_reg) == 15
+    assert sum(i.repeats for i in items if i.subset.is_reg) == 15
+    assert tag_frequency(items) == {"5_t": {"x": 3}, "1_r": {"y": 4}}
+
+
+def test_epoch_batches_cover_every_repeat(tmp_path):
+    sub = SubsetSpec(image_dir=_images(tmp_path / "t", 5, ["x"]), num_repeats=3, caption_extension=".txt")
+    items = collect_items([DatasetSpec(resolution=(32, 32), subsets=[sub])])
+    batches = epoch_batches(items, 2, random.Random(0))
+    flat = sorted(i for b in batches for i, _ in b)
+    assert flat == sorted(list(range(5)) * 3)
+    assert max(len(b) for b in batches) == 2
+
+
+def test_rgba_onto_white_and_crop(tmp_path):
+    path = tmp_path / "t.png"
+    Image.new("RGBA", (60, 20), (255, 0, 0, 0)).save(path)
+    image = open_rgb(path)
+    assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
+    assert resize_center_crop(image, (16, 16)).size == (16, 16)
+
+
+def test_broken_image_is_named(tmp_path):
+    folder = tmp_path / "b"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.txt").write_text("x")
+    items = collect_items([DatasetSpec(subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
+    from nbkit.data.train_data import load_pixels
+
+    with pytest.raises(DatasetError, match="broken.png.*cannot read"):
+        load_pixels(items[0])
+
+
+def test_user_files_untouched(tmp_path):
+    folder = _images(tmp_path / "u", 2, ["a, b"])
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    items = collect_items([DatasetSpec(resolution=(16, 16), subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
+    from nbkit.data.train_data import load_pixels
+
+    assert load_pixels(items[0]).shape == torch.Size([3, 16, 16])
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

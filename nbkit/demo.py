@@ -104,6 +104,13 @@ def preview(pipeline, prompts, seeds, steps: int, size: int) -> list[Image.Image
     return images
 
 
+def difference(a: Image.Image, b: Image.Image, gain: float = 8.0) -> Image.Image:
+    """Amplified per-pixel difference, so small LoRA effects are visible."""
+    from PIL import ImageChops
+
+    return ImageChops.difference(a, b).point(lambda v: min(255, int(v * gain)))
+
+
 def save_grid(rows: dict[str, list[Image.Image]], path: Path, cell: int = 128) -> Path:
     from nbkit.io import atomic_path
 
@@ -164,21 +171,25 @@ def run_demo(out: str | Path = "nbkit-demo", model: str = "", steps: int | None 
     run_file = save_toml(run_config_dict(config, datasets_raw), out / "demo_run.toml")
     say(f"sample dataset: {images} ({len(list(images.glob('*.png')))} images); run file: {run_file}")
 
-    pipeline, _ = load_pipeline(config.pretrained_model_name_or_path)
+    pipeline, info = load_pipeline(config.pretrained_model_name_or_path)
     device = "cuda" if on_gpu else "cpu"
     pipeline.to(device)
     before = preview(pipeline, PREVIEW_PROMPTS, PREVIEW_SEEDS, plan.preview_steps, config.resolution)
     datasets = resolve_datasets(config, datasets_raw, out)
-    result = train_lora(config, datasets, hooks=None if quiet else ProgressHooks("LoRA"), pipeline=pipeline, device=device)
+    result = train_lora(config, datasets, hooks=None if quiet else ProgressHooks("LoRA"),
+                        pipeline=pipeline, model_info=info, device=device)
     after = preview(result.pipeline, PREVIEW_PROMPTS, PREVIEW_SEEDS, plan.preview_steps, config.resolution)
 
+    rows = {"before": before, "after": after, "|diff| x8": [difference(a, b) for a, b in zip(before, after)]}
     paths = {
         "lora": result.lora_path,
-        "preview": save_grid({"before": before, "after": after}, out / "preview_grid.png"),
+        "preview": save_grid(rows, out / "preview_grid.png"),
         "loss_curve": save_loss_curve(result.losses, out / "loss_curve.png"),
         "run_file": run_file,
     }
     for name, path in paths.items():
         say(f"{name}: {path}")
+    if not model:
+        say("note: the tiny model is random, so its images are noise; the grid shows what the LoRA changed")
     say(f"demo finished in {time.time() - started:.1f} s ({result.steps} steps, final loss {result.losses[-1]:.4f})")
     return paths

@@ -11,7 +11,6 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -54,9 +53,11 @@ def train_lora(
     datasets: list[DatasetSpec],
     hooks: TrainHooks | None = None,
     pipeline=None,
+    model_info=None,
     device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Train a LoRA. ``pipeline`` may be given to reuse an already loaded base model."""
+    """Train a LoRA. ``pipeline`` and its ``model_info`` (both from ``load_pipeline``) may be
+    given to reuse an already loaded base model."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -82,27 +83,33 @@ def train_lora(
         pipeline, info = load_pipeline(
             config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization
         )
+    elif model_info is None:
+        raise ValueError("train_lora: pass model_info together with pipeline (both come from load_pipeline)")
     else:
-        from nbkit.models.load import describe_pipeline
-
-        info = describe_pipeline(pipeline, config.v2, config.v_parameterization)
+        info = model_info
     unet, text_encoder, vae, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.vae, pipeline.tokenizer
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False)
     weight_dtype = weight_dtype_for(mixed_precision)
-    vae.to(device, dtype=torch.float32)  # the VAE encodes in fp32: fp16 SD VAEs overflow to NaN
-    unet.to(device, dtype=weight_dtype)
-    text_encoder.to(device, dtype=weight_dtype)
-    inject_lora(
-        unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
-        train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
-    )
-    if config.network_weights:
+    # The VAE encodes in fp32 (fp16 SD VAEs overflow to NaN); frozen UNet/TE weights in weight_dtype.
+    for model, dtype in ((vae, torch.float32), (unet, weight_dtype), (text_encoder, weight_dtype)):
+        if model.dtype == dtype:
+            model.to(device)
+        else:
+            model.to(device, dtype=dtype)
+    if config.network_weights:  # continue from a kohya file: its ranks and alphas win
         from nbkit.formats.kohya_lora import load_kohya_lora
 
         load_kohya_lora(config.network_weights, unet, text_encoder)
+    else:
+        inject_lora(
+            unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
+            train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
+        )
     unet_params = list(lora_parameters(unet)) if config.train_unet else []
     te_params = list(lora_parameters(text_encoder)) if config.train_text_encoder else []
+    for model in (unet, text_encoder):
+        model.requires_grad_(False)
     for p in unet_params + te_params:
         p.data = p.data.float()  # fp32 master weights: GradScaler refuses fp16 trainables
         p.requires_grad_(True)
@@ -191,45 +198,41 @@ def train_lora(
 
 
 def _save(config, name, unet, text_encoder, info, items, datasets, step, epoch, started_at, accelerator, hooks) -> Path:
-    from peft.utils import get_peft_model_state_dict
-
-    from nbkit.formats.kohya_lora import LoraMetadataInput, build_metadata, peft_to_kohya, save_kohya_lora
+    from nbkit.formats.kohya_lora import LoraTrainingInfo, build_metadata, save_kohya_lora
+    from nbkit.networks.lora import export_kohya_state_dict
 
     unet = accelerator.unwrap_model(unet)
     text_encoder = accelerator.unwrap_model(text_encoder)
-    unet_sd = get_peft_model_state_dict(unet) if config.train_unet else {}
-    te_sd = get_peft_model_state_dict(text_encoder) if config.train_text_encoder else None
-    state = peft_to_kohya(unet_sd, te_sd, alphas=config.network_alpha)
-    res = datasets[0].resolution
-    metadata = build_metadata(LoraMetadataInput(
+    state = export_kohya_state_dict(unet, text_encoder)  # every adapted model, trained or loaded
+    metadata = build_metadata(LoraTrainingInfo(
+        arch=info.arch,
         network_dim=config.network_dim,
         network_alpha=config.network_alpha,
-        v2=info.v2,
-        v_parameterization=info.v_parameterization,
         output_name=name,
         steps=step,
         epoch=epoch,
+        max_train_steps=config.max_train_steps,
+        num_epochs=config.max_train_epochs,
         learning_rate=config.learning_rate,
         unet_lr=config.unet_lr,
         text_encoder_lr=config.text_encoder_lr,
-        resolution=res,
-        num_train_images=sum(i.repeats for i in items),
+        lr_scheduler=config.lr_scheduler,
+        lr_warmup_steps=config.lr_warmup_steps,
+        optimizer=config.optimizer_type,
+        resolution=datasets[0].resolution,
+        batch_size=datasets[0].batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        num_train_images=sum(i.repeats for i in items if not i.subset.is_reg),
+        num_reg_images=sum(i.repeats for i in items if i.subset.is_reg),
         tag_frequency=tag_frequency(items),
         dataset_dirs=dataset_dirs(items),
         clip_skip=config.clip_skip,
         mixed_precision=config.mixed_precision,
         seed=config.seed,
-        optimizer=config.optimizer_type,
         sd_model_name=str(config.pretrained_model_name_or_path),
+        training_comment=config.training_comment,
         training_started_at=started_at,
         training_finished_at=time.time(),
-        training_comment=config.training_comment,
-        max_train_steps=config.max_train_steps,
-        train_batch_size=config.train_batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        lr_scheduler=config.lr_scheduler,
-        title=name,
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ))
     path = Path(config.output_dir) / f"{name}.safetensors"
     save_kohya_lora(state, path, metadata, save_dtype_for(config.save_precision))

@@ -1,0 +1,1 @@
+"""File formats other Stable Diffusion tools read: original single files, kohya LoRA."""

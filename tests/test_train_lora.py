@@ -111,3 +111,27 @@ def test_cli_reports_bad_config_clearly(tmp_path, capsys):
     assert main(["train", "lora", "--config", str(tmp_path / "run.toml")]) == 2
     err = capsys.readouterr().err
     assert "run.toml" in err and "network_dim" in err
+
+
+def test_gradient_checkpointing_still_reaches_every_lora(tiny_pipe):
+    """Checkpointed blocks with frozen inputs must still backpropagate into the LoRA weights."""
+    from nbkit.networks.lora import inject_lora, lora_parameters
+
+    pipe = tiny_pipe("sd15")
+    for model in (pipe.unet, pipe.text_encoder):
+        model.requires_grad_(False)
+    inject_lora(pipe.unet, pipe.text_encoder, network_dim=4, network_alpha=4)
+    with torch.no_grad():  # non-zero lora_up so that lora_down gets gradient too
+        for name, p in list(pipe.unet.named_parameters()) + list(pipe.text_encoder.named_parameters()):
+            if "lora_B" in name:
+                p.add_(0.01)
+    pipe.unet.enable_gradient_checkpointing()
+    pipe.text_encoder.gradient_checkpointing_enable()
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    out = pipe.unet(torch.randn(1, 4, 8, 8), torch.tensor([10]), pipe.text_encoder(ids)[0]).sample
+    out.pow(2).mean().backward()
+    for model in (pipe.unet, pipe.text_encoder):
+        params = list(lora_parameters(model))
+        assert params and all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)

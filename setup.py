@@ -17,7 +17,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["nbkit", "nbkit.*"]),
     include_package_data=True,
-    package_data={"nbkit": ["configs/**/*", "configs/*/*/*", "assets/*"]},
+    package_data={
+        "nbkit": ["assets/*"],
+        # real SD1.5/SD2.1 diffusers configs for offline single-file loading (nbkit/models/configs)
+        "nbkit.models": ["configs/*/*.json", "configs/*/*/*.json"],
+    },
     install_requires=[
         # torch is never pinned to a CUDA build: Colab's own torch must stay as it is.
         "torch>=2.1",

@@ -79,7 +79,7 @@ def test_adamw8bit_unet_only_and_continue_training(tiny_model_dirs, tmp_path):
     config = _config(model_dir, tmp_path, optimizer_type="AdamW8bit", network_train_unet_only=True, max_train_steps=3)
     first = train_lora(config, _datasets(config, tmp_path), device="cpu")
     with safe_open(str(first.lora_path), "pt") as f:
-        assert all(k.startswith("lora_unet_") for k in f.keys())
+        assert all(k.startswith("lora_unet_") for k in f.keys())  # noqa: SIM118 (safe_open is not a dict)
     # Continue from the saved file: the start point is the saved LoRA, not zeros.
     config2 = _config(model_dir, tmp_path, network_weights=str(first.lora_path), network_train_unet_only=True,
                       max_train_steps=1, learning_rate=0.0, output_name="continued")
@@ -93,12 +93,12 @@ def test_cli_train_lora_from_run_file(tiny_model_dirs, tmp_path):
     from nbkit.cli import main
     from nbkit.config import save_toml, to_dict
 
-    model_dir, single_file = tiny_model_dirs("sd15")
+    _, single_file = tiny_model_dirs("sd15")
     images = make_sample_dataset(tmp_path / "imgs", size=64)
     (tmp_path / "dataset.toml").write_text(
         f"[general]\ncaption_extension = '.txt'\n[[datasets]]\n[[datasets.subsets]]\nimage_dir = '{images}'\nnum_repeats = 1\n"
     )
-    config = _config(single_file, tmp_path, dataset_config="dataset.toml", max_train_steps=2)
+    config = _config(single_file, tmp_path, dataset_config="dataset.toml", max_train_steps=2)  # a single file
     save_toml(to_dict(config), tmp_path / "run.toml")
     assert main(["train", "lora", "--config", str(tmp_path / "run.toml"), "--output_name", "from_cli"]) == 0
     assert (tmp_path / "out" / "from_cli.safetensors").is_file()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from itertools import pairwise
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -18,13 +19,7 @@ EOW = "</w>"
 
 # Words the demo captions and the tests use; merges are learned from them so captions
 # tokenize into a handful of tokens instead of single characters.
-DEFAULT_WORDS = (
-    "a an the of on in with and photo picture drawing painting style sks ohwx "
-    "red green blue yellow orange purple pink white black gray brown cyan magenta "
-    "circle square triangle star ring cross diamond stripe stripes dots shape shapes "
-    "small large big tiny background dark light bright centered dog cat person man woman "
-    "portrait landscape anime illustration 1girl solo smile looking at viewer"
-).split()
+DEFAULT_WORDS = ["a", "an", "the", "of", "on", "in", "with", "and", "photo", "picture", "drawing", "painting", "style", "sks", "ohwx", "red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray", "brown", "cyan", "magenta", "circle", "square", "triangle", "star", "ring", "cross", "diamond", "stripe", "stripes", "dots", "shape", "shapes", "small", "large", "big", "tiny", "background", "dark", "light", "bright", "centered", "dog", "cat", "person", "man", "woman", "portrait", "landscape", "anime", "illustration", "1girl", "solo", "smile", "looking", "at", "viewer"]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -59,7 +54,7 @@ def learn_merges(words: Iterable[str], num_merges: int = 400) -> list[tuple[str,
     for _ in range(num_merges):
         pairs: Counter[tuple[str, str]] = Counter()
         for w, seq in seqs.items():
-            for pair in zip(seq, seq[1:]):
+            for pair in pairwise(seq):
                 pairs[pair] += corpus[w]
         if not pairs:
             break

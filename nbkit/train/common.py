@@ -64,7 +64,7 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], clip_skip: int 
         return text_encoder(ids)[0]
     out = text_encoder(ids, output_hidden_states=True)
     hidden = out.hidden_states[-clip_skip]
-    final_norm = getattr(getattr(text_encoder, "text_model", text_encoder), "final_layer_norm")
+    final_norm = getattr(text_encoder, "text_model", text_encoder).final_layer_norm
     return final_norm(hidden)
 
 

@@ -144,7 +144,6 @@ def train_lora(
     lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps)
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     noise_scheduler = training_noise_scheduler("v_prediction" if info.v_parameterization else "epsilon")
-    alphas = noise_scheduler.alphas_cumprod.to(device)
 
     hooks.on_train_start(total_steps, {"images": len(items), "batches_per_epoch": batches_per_epoch})
     unet.train()

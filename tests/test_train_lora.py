@@ -116,6 +116,7 @@ def test_cli_reports_bad_config_clearly(tmp_path, capsys):
 def test_gradient_checkpointing_still_reaches_every_lora(tiny_pipe):
     """Checkpointed blocks with frozen inputs must still backpropagate into the LoRA weights."""
     from nbkit.networks.lora import inject_lora, lora_parameters
+    from nbkit.train.common import enable_te_checkpointing
 
     pipe = tiny_pipe("sd15")
     for model in (pipe.unet, pipe.text_encoder):
@@ -126,7 +127,7 @@ def test_gradient_checkpointing_still_reaches_every_lora(tiny_pipe):
             if "lora_B" in name:
                 p.add_(0.01)
     pipe.unet.enable_gradient_checkpointing()
-    pipe.text_encoder.gradient_checkpointing_enable()
+    enable_te_checkpointing(pipe.text_encoder)
     pipe.unet.train()
     pipe.text_encoder.train()
     ids = pipe.tokenizer(["a red circle"], padding="max_length", max_length=77, return_tensors="pt").input_ids

@@ -68,6 +68,12 @@ def encode_prompts(tokenizer, text_encoder, captions: list[str], clip_skip: int 
     return final_norm(hidden)
 
 
+def enable_te_checkpointing(text_encoder) -> None:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing; accept both."""
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None) or text_encoder.gradient_checkpointing_enable
+    enable()
+
+
 def training_noise_scheduler(prediction_type: str):
     """The DDPM schedule SD was trained with (kohya builds the same one)."""
     from diffusers import DDPMScheduler

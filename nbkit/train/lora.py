@@ -26,6 +26,7 @@ from nbkit.data.train_data import (
     tag_frequency,
 )
 from nbkit.train.common import (
+    enable_te_checkpointing,
     encode_prompts,
     make_lr_scheduler,
     make_optimizer,
@@ -116,7 +117,7 @@ def train_lora(
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if te_params:
-            text_encoder.gradient_checkpointing_enable()
+            enable_te_checkpointing(text_encoder)
     if config.sdpa:
         from diffusers.models.attention_processor import AttnProcessor2_0
 

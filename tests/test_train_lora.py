@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -69,6 +72,20 @@ def test_trained_lora_loads_identically_in_diffusers(arch, tiny_model_dirs, tmp_
     with safe_open(str(result.lora_path), "pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    # Walk every key with kohya's rules, independently of nbkit's own checker.
+    stems: dict[str, set[str]] = {}
+    for key in keys:
+        match = re.fullmatch(r"(lora_(?:unet|te)_[A-Za-z0-9_]+)\.(lora_down\.weight|lora_up\.weight|alpha)", key)
+        assert match, f"not a kohya key: {key}"
+        stems.setdefault(match[1], set()).add(match[2])
+    assert all(parts == {"lora_down.weight", "lora_up.weight", "alpha"} for parts in stems.values())
+    assert all(tensors[f"{s}.alpha"].dim() == 0 and tensors[f"{s}.alpha"].item() == 2.0 for s in stems)
+    assert all(tensors[f"{s}.lora_down.weight"].shape[0] == 4 for s in stems)
+    assert len([s for s in stems if s.startswith("lora_unet_")]) == 192
+    # sshs_model_hash: sha256 of the bytes after the 8 + N header (kohya / additional-networks).
+    raw = result.lora_path.read_bytes()
+    assert meta["sshs_model_hash"] == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
     assert meta["ss_network_dim"] == "4" and meta["ss_steps"] == "6"
     assert meta["ss_v2"] == str(arch != "sd15") and meta["ss_output_name"] == "test_lora"
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)

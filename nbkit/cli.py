@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from pathlib import Path
 
 from nbkit._version import __version__
+
+# Modules with an ``add_commands(subparsers)`` function: ``nbkit dataset ...``, ``nbkit tag ...``.
+COMMAND_MODULES = ("nbkit.data.cli", "nbkit.tag.cli")
 
 
 def _cmd_make_tiny_model(args) -> int:
@@ -65,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--config", help="run TOML (kohya option names; dataset inline or via dataset_config)")
     add_dataclass_arguments(lora, LoRATrainConfig)
     lora.set_defaults(func=_cmd_train_lora)
+
+    for module in COMMAND_MODULES:  # each feature area adds its own subcommands
+        importlib.import_module(module).add_commands(sub)
 
     demo = sub.add_parser("demo", help="train a LoRA on a bundled tiny model and sample data (CPU, offline)")
     demo.add_argument("--out", default="nbkit-demo", help="output folder (default: ./nbkit-demo)")

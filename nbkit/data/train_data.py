@@ -6,6 +6,7 @@ An *item* is one image of one subset; an *epoch* lists every item ``num_repeats`
 
 from __future__ import annotations
 
+import math
 import random
 import warnings
 from collections import Counter
@@ -134,6 +135,15 @@ def epoch_batches(items: list[Item], batch_size: int, rng: random.Random) -> lis
             batches.append([(i, items[i].subset.flip_aug and rng.random() < 0.5) for i in indices[start:start + batch_size]])
     rng.shuffle(batches)
     return batches
+
+
+def steps_per_epoch(items: list[Item], batch_size: int, gradient_accumulation_steps: int = 1) -> int:
+    """Optimizer steps in one epoch, exactly as :func:`epoch_batches` and the trainer count them."""
+    per_group: dict[tuple[int, int], int] = {}
+    for item in items:
+        per_group[item.resolution] = per_group.get(item.resolution, 0) + item.repeats
+    batches = sum(math.ceil(n / batch_size) for n in per_group.values())
+    return math.ceil(batches / gradient_accumulation_steps)
 
 
 def batch_captions(items: list[Item], batch: list[tuple[int, bool]], rng: random.Random) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import torch
@@ -45,13 +44,6 @@ def make_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int)
     from diffusers.optimization import get_scheduler
 
     return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
-
-
-def total_steps_for(max_train_steps: int, max_train_epochs: int | None, batches_per_epoch: int, grad_accum: int) -> int:
-    """kohya: max_train_epochs, when set, overrides max_train_steps."""
-    if max_train_epochs:
-        return max_train_epochs * math.ceil(batches_per_epoch / grad_accum)
-    return max_train_steps
 
 
 def encode_prompts(tokenizer, text_encoder, captions: list[str], clip_skip: int | None, device) -> torch.Tensor:

@@ -23,6 +23,7 @@ from nbkit.data.train_data import (
     collect_items,
     dataset_dirs,
     epoch_batches,
+    steps_per_epoch,
     tag_frequency,
 )
 from nbkit.train.common import (
@@ -32,7 +33,6 @@ from nbkit.train.common import (
     make_optimizer,
     resolve_mixed_precision,
     save_dtype_for,
-    total_steps_for,
     training_noise_scheduler,
     weight_dtype_for,
 )
@@ -130,10 +130,8 @@ def train_lora(
     latents = cache_latents(items, vae, device, torch.float32)
     vae.to("cpu")
     batch_size = datasets[0].batch_size
-    batches_per_epoch = len(epoch_batches(items, batch_size, random.Random(0)))
-    total_steps = total_steps_for(
-        config.max_train_steps, config.max_train_epochs, batches_per_epoch, config.gradient_accumulation_steps
-    )
+    steps_in_epoch = steps_per_epoch(items, batch_size, config.gradient_accumulation_steps)
+    total_steps = config.max_train_epochs * steps_in_epoch if config.max_train_epochs else config.max_train_steps
 
     # ---- optimizer and schedule (separate learning rates, kohya's unet_lr / text_encoder_lr)
     groups = []
@@ -146,7 +144,7 @@ def train_lora(
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     noise_scheduler = training_noise_scheduler("v_prediction" if info.v_parameterization else "epsilon")
 
-    hooks.on_train_start(total_steps, {"images": len(items), "batches_per_epoch": batches_per_epoch})
+    hooks.on_train_start(total_steps, {"images": len(items), "steps_per_epoch": steps_in_epoch})
     unet.train()
     text_encoder.train(bool(te_params))
     step, epoch, saved = 0, 0, []

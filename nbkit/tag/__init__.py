@@ -1,0 +1,1 @@
+"""Auto-tagging (WD14 on onnxruntime, BLIP) and caption editing."""

@@ -60,7 +60,7 @@ def field_types(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def _coerce(value: Any, tp, name: str, where: str) -> Any:
+def coerce_value(value: Any, tp, name: str, where: str) -> Any:
     base, optional = _base_type(tp)
     if value is None:
         if optional:
@@ -72,7 +72,7 @@ def _coerce(value: Any, tp, name: str, where: str) -> Any:
             (item,) = typing.get_args(base) or (str,)
             if isinstance(value, str):
                 value = [v for v in value.split() if v] if item is str else [value]
-            return [_coerce(v, item, name, where) for v in value]
+            return [coerce_value(v, item, name, where) for v in value]
         if base is bool:
             if isinstance(value, str):
                 if value.lower() in ("true", "1", "yes", "on"):
@@ -105,7 +105,7 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             continue
         if key not in types_:
             raise unknown_key_error(key, types_, where)
-        kwargs[key] = _coerce(value, types_[key], key, where)
+        kwargs[key] = coerce_value(value, types_[key], key, where)
     obj = cls(**kwargs)
     _check_choices(obj, where)
     return obj

@@ -78,8 +78,11 @@ def test_dataset_unknown_and_pending_keys(tmp_path):
     (tmp_path / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nnum_repeat = 3\n")
     with pytest.raises(ConfigError, match=r"ds.toml.*unknown key 'num_repeat'.*'num_repeats'"):
         load_dataset_config(tmp_path / "ds.toml")
-    (tmp_path / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\ncolor_aug = true\n")
-    with pytest.raises(ConfigError, match="color_aug.*not supported"):
+    (tmp_path / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nmetadata_file = 'm.json'\n")
+    with pytest.raises(ConfigError, match="metadata_file.*not supported"):
+        load_dataset_config(tmp_path / "ds.toml")
+    (tmp_path / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'a'\nkeep_tokens = 'two'\n")
+    with pytest.raises(ConfigError, match="keep_tokens' must be int"):
         load_dataset_config(tmp_path / "ds.toml")
     (tmp_path / "ds.toml").write_text("[[datasets]]\n[[datasets.subsets]]\nimage_dir = 'missing'\n")
     with pytest.raises(ConfigError, match="missing.*not a folder"):

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from nbkit.data.dataset_config import DatasetSpec, SubsetSpec
-from nbkit.data.images import DatasetError, open_rgb, resize_center_crop
+from nbkit.data.images import DatasetError, open_rgb, resize
 from nbkit.data.train_data import collect_items, epoch_batches, tag_frequency
 
 
@@ -26,7 +26,7 @@ def test_captions_class_tokens_and_missing_caption(tmp_path):
     folder = _images(tmp_path / "a", 2, ["red, circle"], ext=".caption")
     (folder / "img1.caption").unlink()
     sub = SubsetSpec(image_dir=folder, class_tokens="sks dog")
-    items = collect_items([DatasetSpec(resolution=(32, 32), subsets=[sub])])
+    items, _ = collect_items([DatasetSpec(resolution=(32, 32), subsets=[sub])])
     assert [i.caption for i in items] == ["red, circle", "sks dog"]
     sub.class_tokens = None
     with pytest.raises(DatasetError, match=r"img1\.png.*no caption file 'img1\.caption'.*class_tokens"):
@@ -36,7 +36,7 @@ def test_captions_class_tokens_and_missing_caption(tmp_path):
 def test_reg_repeats_balanced_like_kohya(tmp_path):
     train = SubsetSpec(image_dir=_images(tmp_path / "t", 3, ["x"]), num_repeats=5, caption_extension=".txt")
     reg = SubsetSpec(image_dir=_images(tmp_path / "r", 4, ["y"]), num_repeats=1, is_reg=True, caption_extension=".txt")
-    items = collect_items([DatasetSpec(resolution=(32, 32), subsets=[train, reg])])
+    items, _ = collect_items([DatasetSpec(resolution=(32, 32), subsets=[train, reg])])
     assert sum(i.repeats for i in items if not i.subset.is_reg) == 15
     assert sum(i.repeats for i in items if i.subset.is_reg) == 15
     assert tag_frequency(items) == {"5_t": {"x": 3}, "1_r": {"y": 4}}
@@ -44,8 +44,8 @@ def test_reg_repeats_balanced_like_kohya(tmp_path):
 
 def test_epoch_batches_cover_every_repeat(tmp_path):
     sub = SubsetSpec(image_dir=_images(tmp_path / "t", 5, ["x"]), num_repeats=3, caption_extension=".txt")
-    items = collect_items([DatasetSpec(resolution=(32, 32), subsets=[sub])])
-    batches = epoch_batches(items, 2, random.Random(0))
+    items, _ = collect_items([DatasetSpec(resolution=(32, 32), batch_size=2, subsets=[sub])])
+    batches = epoch_batches(items, random.Random(0))
     flat = sorted(i for b in batches for i, _ in b)
     assert flat == sorted(list(range(5)) * 3)
     assert max(len(b) for b in batches) == 2
@@ -56,26 +56,27 @@ def test_rgba_onto_white_and_crop(tmp_path):
     Image.new("RGBA", (60, 20), (255, 0, 0, 0)).save(path)
     image = open_rgb(path)
     assert image.mode == "RGB" and image.getpixel((0, 0)) == (255, 255, 255)
-    assert resize_center_crop(image, (16, 16)).size == (16, 16)
+    assert resize(image, (16, 16)).size == (16, 16)
 
 
-def test_broken_image_is_named(tmp_path):
-    folder = tmp_path / "b"
-    folder.mkdir()
+def test_broken_image_is_skipped_with_its_name(tmp_path):
+    folder = _images(tmp_path / "b", 2, ["x"])
     (folder / "broken.png").write_bytes(b"not a png")
     (folder / "broken.txt").write_text("x")
-    items = collect_items([DatasetSpec(subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
-    from nbkit.data.train_data import load_pixels
-
-    with pytest.raises(DatasetError, match="broken.png.*cannot read"):
-        load_pixels(items[0])
+    with pytest.warns(UserWarning, match="broken.png.*cannot read"):
+        items, _ = collect_items([DatasetSpec(subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
+    assert sorted(i.image.name for i in items) == ["img0.png", "img1.png"]
+    (folder / "img0.png").write_bytes(b"")
+    (folder / "img1.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match="none of the images"), pytest.warns(UserWarning):
+        collect_items([DatasetSpec(subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
 
 
 def test_user_files_untouched(tmp_path):
     folder = _images(tmp_path / "u", 2, ["a, b"])
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    items = collect_items([DatasetSpec(resolution=(16, 16), subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
+    items, _ = collect_items([DatasetSpec(resolution=(16, 16), subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
     from nbkit.data.train_data import load_pixels
 
-    assert load_pixels(items[0]).shape == torch.Size([3, 16, 16])
+    assert load_pixels(items[0])[0].shape == torch.Size([3, 16, 16])
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

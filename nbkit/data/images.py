@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +29,24 @@ def open_rgb(path: Path) -> Image.Image:
                 background = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(background, im)
             return im.convert("RGB")
-    except (OSError, SyntaxError) as err:
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
         raise DatasetError(f"{path}: cannot read this image ({err}): re-save it as PNG/JPEG or remove it") from None
 
 
-def resize_center_crop(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """Scale so the image covers ``size`` (w, h), then crop the centre."""
-    w, h = size
-    scale = max(w / image.width, h / image.height)
-    new = (max(w, round(image.width * scale)), max(h, round(image.height * scale)))
-    image = image.resize(new, Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
-    left, top = (image.width - w) // 2, (image.height - h) // 2
-    return image.crop((left, top, left + w, top + h))
+FILTERS = {
+    "lanczos": Image.Resampling.LANCZOS, "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "linear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC, "cubic": Image.Resampling.BICUBIC,
+    "area": Image.Resampling.BOX, "box": Image.Resampling.BOX,
+}  # fmt: skip
+
+
+def resize(image: Image.Image, size: tuple[int, int], interpolation: str | None = None) -> Image.Image:
+    """kohya's default: area (PIL BOX) when shrinking, Lanczos when enlarging."""
+    if image.size == tuple(size):
+        return image
+    if interpolation is None:
+        interpolation = "area" if size[0] * size[1] < image.width * image.height else "lanczos"
+    return image.resize(size, FILTERS[interpolation])
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -51,8 +55,29 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, read from the header without decoding the pixels."""
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+            orientation = im.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+        raise DatasetError(f"{path}: cannot read this image ({err}): re-save it as PNG/JPEG or remove it") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def open_alpha(path: Path) -> Image.Image:
+    """The alpha channel (L mode; fully opaque when the image has none), EXIF-rotated."""
+    with Image.open(path) as im:
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
+            return im.convert("RGBA").getchannel("A")
+        return Image.new("L", im.size, 255)
+
+
 def read_caption(image: Path, extension: str, class_tokens: str | None) -> str:
-    """kohya's rule: the same-stem caption file, else the subset's class tokens, else an error."""
+    """kohya's rule: the same-stem caption file, else the subset's class tokens, else an error.
+    Every non-empty line is kept (``enable_wildcard`` picks one; otherwise the first is used)."""
     caption_file = image.with_suffix(extension)
     if caption_file.is_file():
         try:
@@ -61,32 +86,10 @@ def read_caption(image: Path, extension: str, class_tokens: str | None) -> str:
             raise DatasetError(f"{caption_file}: not UTF-8 text: re-save it as UTF-8") from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
-            return lines[0]
+            return "\n".join(lines)
     if class_tokens:
         return class_tokens
     raise DatasetError(
         f"{image}: no caption file '{caption_file.name}' and the subset has no class_tokens: "
         f"write a caption file, set caption_extension to the one you use, or set class_tokens"
     )
-
-
-@dataclass
-class CaptionOptions:
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
-
-
-def process_caption(caption: str, options: CaptionOptions, rng: random.Random) -> str:
-    """Prefix/suffix, then shuffle the comma-separated tags after the first ``keep_tokens``."""
-    if options.caption_prefix:
-        caption = options.caption_prefix + caption
-    if options.caption_suffix:
-        caption = caption + options.caption_suffix
-    if options.shuffle_caption:
-        tags = [t.strip() for t in caption.split(",")]
-        head, tail = tags[: options.keep_tokens], tags[options.keep_tokens:]
-        rng.shuffle(tail)
-        caption = ", ".join(head + tail)
-    return caption

@@ -1,7 +1,8 @@
-"""From resolved dataset specs to training batches, with VAE latents cached once.
+"""From resolved dataset specs to training batches.
 
-An *item* is one image of one subset; an *epoch* lists every item ``num_repeats`` times
-(regularisation repeats balanced as kohya does), shuffled with the run's seed.
+An *item* is one image of one subset, with its kohya bucket; an *epoch* lists every item
+``num_repeats`` times (regularisation repeats balanced as kohya does), grouped into batches of
+one bucket each (per dataset, with that dataset's batch size), shuffled with the run's seed.
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+from nbkit.data.buckets import BucketChoice, BucketManager, crop_box
+from nbkit.data.captions import CaptionOptions, CaptionState, process_caption
 from nbkit.data.dataset_config import DatasetSpec, SubsetSpec
 from nbkit.data.images import (
-    CaptionOptions,
     DatasetError,
+    image_size,
     list_images,
+    open_alpha,
     open_rgb,
-    process_caption,
     read_caption,
-    resize_center_crop,
+    resize,
     to_tensor,
 )
 
@@ -31,30 +36,62 @@ from nbkit.data.images import (
 @dataclass
 class Item:
     image: Path
-    caption: str
+    caption: str  # raw caption (every non-empty line)
     subset: SubsetSpec
-    resolution: tuple[int, int]
+    dataset: DatasetSpec
+    dataset_index: int
+    size: tuple[int, int]  # original (width, height) after EXIF rotation
+    bucket: BucketChoice
     repeats: int
 
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return self.bucket.reso
 
-def collect_items(datasets: list[DatasetSpec]) -> list[Item]:
-    items: list[Item] = []
-    for ds in datasets:
-        if ds.enable_bucket:
-            warnings.warn(
-                "enable_bucket: aspect-ratio bucketing is not implemented in this nbkit version; "
-                f"images are scaled and centre-cropped to {ds.resolution}",
-                stacklevel=2,
-            )
+
+def _manager(ds: DatasetSpec) -> BucketManager:
+    return BucketManager(
+        ds.resolution, enable_bucket=ds.enable_bucket, no_upscale=ds.bucket_no_upscale,
+        min_size=ds.min_bucket_reso, max_size=ds.max_bucket_reso, reso_steps=ds.bucket_reso_steps,
+    )
+
+
+def collect_items(datasets: list[DatasetSpec], seed: int = 0) -> tuple[list[Item], list[Item]]:
+    """(training items, validation items). ``validation_split`` holds images out per subset."""
+    train: list[Item] = []
+    validation: list[Item] = []
+    for d_index, ds in enumerate(datasets):
+        manager = _manager(ds)
         for sub in ds.subsets:
             images = list_images(sub.image_dir)
             if not images:
                 raise DatasetError(f"{sub.image_dir}: no images (.png/.jpg/.jpeg/.webp/.bmp) found: check image_dir")
+            items = []
             for path in images:
+                try:
+                    size = image_size(path)
+                except DatasetError as err:  # one bad file must not stop a Colab run: skip it, say why
+                    warnings.warn(f"skipped: {err} (see `nbkit dataset check`)", stacklevel=2)
+                    continue
                 caption = read_caption(path, sub.caption_extension, sub.class_tokens)
-                items.append(Item(path, caption, sub, ds.resolution, sub.num_repeats))
-    _balance_reg_repeats(items)
-    return items
+                items.append(Item(path, caption, sub, ds, d_index, size, manager.select_bucket(*size), sub.num_repeats))
+            if not items:
+                raise DatasetError(f"{sub.image_dir}: none of the images can be read: run `nbkit dataset check`")
+            held = _validation_indices(len(items), ds, seed) if not sub.is_reg else set()
+            train += [it for i, it in enumerate(items) if i not in held]
+            validation += [it for i, it in enumerate(items) if i in held]
+    if not train:
+        raise DatasetError("every image went to validation: lower validation_split")
+    _balance_reg_repeats(train)
+    return train, validation
+
+
+def _validation_indices(n: int, ds: DatasetSpec, seed: int) -> set[int]:
+    if ds.validation_split <= 0:
+        return set()
+    order = list(range(n))
+    random.Random(ds.validation_seed if ds.validation_seed is not None else seed).shuffle(order)
+    return set(order[: math.floor(n * ds.validation_split)])
 
 
 def _balance_reg_repeats(items: list[Item]) -> None:
@@ -64,14 +101,16 @@ def _balance_reg_repeats(items: list[Item]) -> None:
     if not regs:
         return
     if sum(i.repeats for i in regs) >= train:
-        return  # more reg than train samples: kohya uses them as they are
+        warnings.warn("more regularisation images than training images: some are never used", stacklevel=3)
+        return
     for item in regs:
         item.repeats = 0
     n, first = 0, True
     while n < train:
         for item in regs:
-            item.repeats += item.subset.num_repeats if first else 1
-            n += item.subset.num_repeats if first else 1
+            step = item.subset.num_repeats if first else 1
+            item.repeats += step
+            n += step
             if n >= train:
                 break
         first = False
@@ -83,7 +122,7 @@ def tag_frequency(items: list[Item]) -> dict[str, dict[str, int]]:
     for item in items:
         key = f"{item.subset.num_repeats}_{item.subset.image_dir.name}"
         counter = out.setdefault(key, Counter())
-        counter.update(t.strip() for t in item.caption.split(",") if t.strip())
+        counter.update(t.strip() for t in item.caption.split("\n")[0].split(",") if t.strip())
     return {k: dict(v) for k, v in out.items()}
 
 
@@ -96,60 +135,79 @@ def dataset_dirs(items: list[Item]) -> dict[str, dict[str, int]]:
     return out
 
 
-def load_pixels(item: Item, flip: bool = False) -> torch.Tensor:
-    image = resize_center_crop(open_rgb(item.image), item.resolution)
-    tensor = to_tensor(image)
-    return tensor.flip(-1) if flip else tensor
+# ----------------------------------------------------------------------------- pixels
+def color_aug(image: Image.Image, rng: random.Random) -> Image.Image:
+    """kohya ``AugHelper.color_aug``: with p=0.33, a hue shift of +-8 (of 180) or a gamma in 0.95-1.05."""
+    if rng.random() > 0.33:
+        return image
+    if rng.random() > 0.5:
+        h, s, v = image.convert("HSV").split()
+        shift = round(rng.uniform(-8, 8) * 256 / 180)
+        h = h.point(lambda x: (x + shift) % 256)
+        return Image.merge("HSV", (h, s, v)).convert("RGB")
+    gamma = rng.uniform(0.95, 1.05)
+    array = np.asarray(image, dtype=np.float32)
+    return Image.fromarray(np.clip(array**gamma, 0, 255).astype(np.uint8))
 
 
-@torch.no_grad()
-def cache_latents(items: list[Item], vae, device, dtype, batch_size: int = 4, progress=None) -> dict[tuple[int, bool], torch.Tensor]:
-    """Encode each image (and its mirror when ``flip_aug``) once; latents are kept on CPU."""
-    keys = [(i, False) for i in range(len(items))] + [(i, True) for i, it in enumerate(items) if it.subset.flip_aug]
-    cache: dict[tuple[int, bool], torch.Tensor] = {}
-    for start in range(0, len(keys), batch_size):
-        chunk = keys[start:start + batch_size]
-        groups: dict[tuple[int, int], list] = {}
-        for key in chunk:  # one VAE call per resolution
-            groups.setdefault(items[key[0]].resolution, []).append(key)
-        for group in groups.values():
-            pixels = torch.stack([load_pixels(items[i], flip) for i, flip in group]).to(device, dtype)
-            latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
-            for key, latent in zip(group, latents):
-                cache[key] = latent.float().cpu()
-        if progress:
-            progress(len(chunk))
-    return cache
+def load_pixels(
+    item: Item, flip: bool = False, rng: random.Random | None = None, with_mask: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(CHW pixels in [-1, 1], alpha mask HW in [0, 1] or None) for the item's bucket."""
+    sub, bucket = item.subset, item.bucket
+    image = resize(open_rgb(item.image), bucket.resized_size, item.dataset.resize_interpolation)
+    offset = (rng.random(), rng.random()) if sub.random_crop and rng is not None else None
+    box = crop_box(bucket.resized_size, bucket.reso, offset)
+    image = image.crop(box)
+    if sub.color_aug and rng is not None:
+        image = color_aug(image, rng)
+    pixels = to_tensor(image)
+    mask = None
+    if with_mask and sub.alpha_mask:
+        alpha = resize(open_alpha(item.image), bucket.resized_size, item.dataset.resize_interpolation).crop(box)
+        mask = torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)
+    if flip:
+        pixels = pixels.flip(-1)
+        mask = mask.flip(-1) if mask is not None else None
+    return pixels, mask
 
 
-def epoch_batches(items: list[Item], batch_size: int, rng: random.Random) -> list[list[tuple[int, bool]]]:
-    """Shuffle every (item, repeat) of one epoch into batches of one resolution each."""
+# ----------------------------------------------------------------------------- batches
+def _groups(items: list[Item], order: list[int]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for idx in order:
+        item = items[idx]
+        groups.setdefault((item.dataset_index, item.bucket.reso), []).append(idx)
+    return groups
+
+
+def epoch_batches(items: list[Item], rng: random.Random) -> list[list[tuple[int, bool]]]:
+    """Shuffle every (item, repeat) of one epoch into batches of one bucket each."""
     order = [idx for idx, item in enumerate(items) for _ in range(item.repeats)]
     rng.shuffle(order)
-    by_res: dict[tuple[int, int], list[int]] = {}
-    for idx in order:
-        by_res.setdefault(items[idx].resolution, []).append(idx)
     batches = []
-    for indices in by_res.values():
-        for start in range(0, len(indices), batch_size):
-            batches.append([(i, items[i].subset.flip_aug and rng.random() < 0.5) for i in indices[start:start + batch_size]])
+    for indices in _groups(items, order).values():
+        size = items[indices[0]].dataset.batch_size
+        for start in range(0, len(indices), size):
+            batches.append([(i, items[i].subset.flip_aug and rng.random() < 0.5) for i in indices[start:start + size]])
     rng.shuffle(batches)
     return batches
 
 
-def steps_per_epoch(items: list[Item], batch_size: int, gradient_accumulation_steps: int = 1) -> int:
-    """Optimizer steps in one epoch, exactly as :func:`epoch_batches` and the trainer count them."""
-    per_group: dict[tuple[int, int], int] = {}
-    for item in items:
-        per_group[item.resolution] = per_group.get(item.resolution, 0) + item.repeats
-    batches = sum(math.ceil(n / batch_size) for n in per_group.values())
+def steps_per_epoch(items: list[Item], batch_size: int | None = None, gradient_accumulation_steps: int = 1) -> int:
+    """Optimizer steps in one epoch, exactly as :func:`epoch_batches` and the trainer count them.
+    ``batch_size`` overrides every dataset's own batch size (for "what if" tables)."""
+    order = [idx for idx, item in enumerate(items) for _ in range(item.repeats)]
+    batches = 0
+    for indices in _groups(items, order).values():
+        size = batch_size or items[indices[0]].dataset.batch_size
+        batches += math.ceil(len(indices) / size)
     return math.ceil(batches / gradient_accumulation_steps)
 
 
-def batch_captions(items: list[Item], batch: list[tuple[int, bool]], rng: random.Random) -> list[str]:
-    out = []
-    for idx, _ in batch:
-        sub = items[idx].subset
-        options = CaptionOptions(sub.shuffle_caption, sub.keep_tokens, sub.caption_prefix, sub.caption_suffix)
-        out.append(process_caption(items[idx].caption, options, rng))
-    return out
+def caption_options(sub: SubsetSpec) -> CaptionOptions:
+    return CaptionOptions(**{f: getattr(sub, f) for f in CaptionOptions.__dataclass_fields__})
+
+
+def batch_captions(items: list[Item], batch: list[tuple[int, bool]], rng: random.Random, state: CaptionState) -> list[str]:
+    return [process_caption(items[idx].caption, caption_options(items[idx].subset), rng, state) for idx, _ in batch]

@@ -78,3 +78,44 @@ def training_noise_scheduler(prediction_type: str):
         clip_sample=False,
         prediction_type=prediction_type,
     )
+
+
+def diffusion_loss(unet, noise_scheduler, x0, cond, weight_dtype, weights=None, mask=None, timesteps=None, noise=None):
+    """The SD objective: MSE between the UNet's prediction and the noise (or v), per sample
+    weighted (prior_loss_weight) and masked (alpha_mask) as kohya does."""
+    noise = torch.randn_like(x0) if noise is None else noise
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
+    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+    pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
+    target = noise_scheduler.get_velocity(x0, noise, timesteps) if v_prediction else noise
+    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
+    if mask is not None:
+        loss = loss * mask.to(loss.device)
+    loss = loss.mean(dim=(1, 2, 3))
+    if weights is not None:
+        loss = loss * torch.tensor(weights, device=loss.device, dtype=loss.dtype)
+    return loss.mean()
+
+
+@torch.no_grad()
+def validation_loss(unet, text_encoder, tokenizer, noise_scheduler, latents, offset, items, config, weight_dtype, device):
+    """Mean loss of held-out images at fixed timesteps and fixed noise: comparable across epochs."""
+    from nbkit.data.captions import CaptionOptions, process_caption
+
+    was_training = unet.training
+    unet.eval()
+    generator = torch.Generator().manual_seed(config.seed)
+    losses = []
+    for index, item in enumerate(items):
+        x0, mask = latents.batch([(offset + index, False)], None)
+        caption = process_caption(item.caption, CaptionOptions(), None)  # raw caption, first line
+        cond = encode_prompts(tokenizer, text_encoder, [caption], config.clip_skip, device)
+        for t in (100, 300, 500, 700, 900):
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            timesteps = torch.tensor([t], device=device)
+            losses.append(diffusion_loss(unet, noise_scheduler, x0.to(device), cond, weight_dtype, None, mask,
+                                         timesteps, noise).item())
+    unet.train(was_training)
+    return sum(losses) / len(losses)

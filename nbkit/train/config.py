@@ -34,6 +34,12 @@ class TrainConfig:
     )
     resolution: int = field(default=512, metadata=help_("Training resolution in pixels (square)."))
     cache_latents: bool = field(default=True, metadata=help_("Encode every image once with the VAE, then free the VAE."))
+    cache_latents_to_disk: bool = field(
+        default=False, metadata=help_("Also keep the encoded latents on disk (reused by the next run, checked against image and VAE).")
+    )
+    latent_cache_dir: str | None = field(
+        default=None, metadata=help_("Folder for the disk latent cache (default: <output_dir>/latent_cache).", "advanced")
+    )
     # --- output
     output_dir: str = field(default="output", metadata=help_("Folder for the trained files."))
     output_name: str = field(default="last", metadata=help_("File name (without extension) of the result."))

@@ -19,6 +19,8 @@ class TrainHooks:
 
     def on_epoch_end(self, epoch: int, step: int) -> None: ...
 
+    def on_validation(self, step: int, loss: float) -> None: ...
+
     def on_sample(self, step: int, images: list, prompts: list[str]) -> None: ...
 
     def on_save(self, path: Path, step: int) -> None: ...
@@ -46,6 +48,10 @@ class HookList(TrainHooks):
     def on_epoch_end(self, epoch, step):
         for h in self.hooks:
             h.on_epoch_end(epoch, step)
+
+    def on_validation(self, step, loss):
+        for h in self.hooks:
+            h.on_validation(step, loss)
 
     def on_sample(self, step, images, prompts):
         for h in self.hooks:
@@ -83,6 +89,10 @@ class ProgressHooks(TrainHooks):
     def on_save(self, path, step):
         if self.bar is not None:
             self.bar.write(f"saved {path} (step {step})")
+
+    def on_validation(self, step, loss):
+        if self.bar is not None:
+            self.bar.write(f"validation loss at step {step}: {loss:.4f}")
 
     def on_train_end(self, step):
         if self.bar is not None:

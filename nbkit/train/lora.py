@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from nbkit.data.captions import CaptionState
 from nbkit.data.dataset_config import DatasetSpec
+from nbkit.data.latents import LatentCache, cacheable
 from nbkit.data.train_data import (
     batch_captions,
-    cache_latents,
     collect_items,
     dataset_dirs,
     epoch_batches,
@@ -27,6 +27,7 @@ from nbkit.data.train_data import (
     tag_frequency,
 )
 from nbkit.train.common import (
+    diffusion_loss,
     enable_te_checkpointing,
     encode_prompts,
     make_lr_scheduler,
@@ -34,6 +35,7 @@ from nbkit.train.common import (
     resolve_mixed_precision,
     save_dtype_for,
     training_noise_scheduler,
+    validation_loss,
     weight_dtype_for,
 )
 from nbkit.train.config import LoRATrainConfig
@@ -123,15 +125,17 @@ def train_lora(
 
         unet.set_attn_processor(AttnProcessor2_0())
 
-    # ---- data: captions and cached latents (the VAE then leaves the GPU)
-    items = collect_items(datasets)
-    if not config.cache_latents:
-        raise NotImplementedError("cache_latents=false is not supported yet: latents are always cached")
-    latents = cache_latents(items, vae, device, torch.float32)
-    vae.to("cpu")
-    batch_size = datasets[0].batch_size
-    steps_in_epoch = steps_per_epoch(items, batch_size, config.gradient_accumulation_steps)
+    # ---- data: items in kohya buckets, latents cached once (the VAE then leaves the GPU)
+    items, validation = collect_items(datasets, config.seed)
+    cache_dir = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
+    latents = LatentCache(items + validation, vae, device, cache_dir if config.cache_latents_to_disk else None)
+    if config.cache_latents:
+        latents.fill()
+        if all(cacheable(it) for it in items):
+            vae.to("cpu")
+    steps_in_epoch = steps_per_epoch(items, None, config.gradient_accumulation_steps)
     total_steps = config.max_train_epochs * steps_in_epoch if config.max_train_epochs else config.max_train_steps
+    caption_state = CaptionState(step=0, epoch=1, max_train_steps=total_steps)
 
     # ---- optimizer and schedule (separate learning rates, kohya's unet_lr / text_encoder_lr)
     groups = []
@@ -150,24 +154,20 @@ def train_lora(
     step, epoch, saved = 0, 0, []
     while step < total_steps and not hooks.should_stop():
         epoch += 1
-        for batch in epoch_batches(items, batch_size, rng):
+        caption_state.epoch = epoch
+        for batch in epoch_batches(items, rng):
             with accelerator.accumulate(unet, text_encoder):
-                # Forward: the diffusion objective on cached latents.
-                x0 = torch.stack([latents[key] for key in batch]).to(device)
-                noise = torch.randn_like(x0)
-                t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=device)
-                noisy = noise_scheduler.add_noise(x0, noise, t)
+                # Forward: noise the latents at random timesteps, predict noise (or v).
+                x0, mask = latents.batch(batch, rng)
+                x0 = x0.to(device)
+                caption_state.step = step
                 with torch.set_grad_enabled(bool(te_params)):
-                    cond = encode_prompts(tokenizer, text_encoder, batch_captions(items, batch, rng), config.clip_skip, device)
+                    captions = batch_captions(items, batch, rng, caption_state)
+                    cond = encode_prompts(tokenizer, text_encoder, captions, config.clip_skip, device)
+                # Regularisation images are weighted by prior_loss_weight (kohya).
+                weights = [config.prior_loss_weight if items[i].subset.is_reg else 1.0 for i, _ in batch]
                 with accelerator.autocast():
-                    pred = unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample
-                target = noise_scheduler.get_velocity(x0, noise, t) if info.v_parameterization else noise
-                # Per-sample MSE; regularisation images are weighted by prior_loss_weight.
-                loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                weights = torch.tensor(
-                    [config.prior_loss_weight if items[i].subset.is_reg else 1.0 for i, _ in batch], device=device
-                )
-                loss = (loss * weights).mean()
+                    loss = diffusion_loss(unet, noise_scheduler, x0, cond, weight_dtype, weights, mask)
                 # Backward, clip, step.
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
@@ -181,6 +181,9 @@ def train_lora(
             hooks.on_step(step, loss.item(), lr_scheduler.get_last_lr()[0])
             if step >= total_steps or hooks.should_stop():
                 break
+        if validation:
+            hooks.on_validation(step, validation_loss(unet, text_encoder, tokenizer, noise_scheduler, latents,
+                                                      len(items), validation, config, weight_dtype, device))
         hooks.on_epoch_end(epoch, step)
         if config.save_every_n_epochs and epoch % config.save_every_n_epochs == 0 and step < total_steps:
             saved.append(_save(config, f"{config.output_name}-{epoch:06d}", unet, text_encoder, info, items,

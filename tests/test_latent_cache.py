@@ -94,3 +94,33 @@ def test_color_aug_and_random_crop_encode_fresh_pixels(tiny_pipe, tmp_path):
     a, _ = cache.batch([(0, False)], random.Random(1))
     b, _ = cache.batch([(0, False)], random.Random(2))
     assert a.shape == (1, 4, 8, 8) and not torch.equal(a, b)
+
+
+def test_alpha_mask_and_validation_split(tiny_model_dirs, tmp_path):
+    from nbkit.train.hooks import TrainHooks
+
+    model_dir, _ = tiny_model_dirs("sd15")
+    images = make_sample_dataset(tmp_path / "imgs", size=64)
+    rgba = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (0, 0, 32, 64))  # left half opaque
+    rgba.save(images / "masked.png")
+    (images / "masked.txt").write_text("sks, half")
+    datasets = _datasets(images, alpha_mask=True)
+    datasets[0].validation_split = 0.25
+    items, validation = collect_items(datasets, seed=1)
+    assert len(validation) == 3 and len(items) == 10
+    masked = next(i for i, it in enumerate(items + validation) if it.image.name == "masked.png")
+    from nbkit.data.train_data import load_pixels
+
+    _, mask = load_pixels((items + validation)[masked], with_mask=True)
+    assert mask[:, :30].min() == 1.0 and mask[:, 34:].max() == 0.0
+
+    seen = []
+
+    class Record(TrainHooks):
+        def on_validation(self, step, loss):
+            seen.append((step, loss))
+
+    config = _config(model_dir, tmp_path, max_train_epochs=2, max_train_steps=999)
+    result = train_lora(config, datasets, hooks=Record(), device="cpu")
+    assert [s for s, _ in seen] == [result.steps // 2, result.steps] and all(loss > 0 for _, loss in seen)

@@ -194,15 +194,18 @@ def epoch_batches(items: list[Item], rng: random.Random) -> list[list[tuple[int,
     return batches
 
 
-def steps_per_epoch(items: list[Item], batch_size: int | None = None, gradient_accumulation_steps: int = 1) -> int:
+def steps_per_epoch(
+    items: list[Item], batch_size: int | None = None, gradient_accumulation_steps: int = 1, num_processes: int = 1
+) -> int:
     """Optimizer steps in one epoch, exactly as :func:`epoch_batches` and the trainer count them.
-    ``batch_size`` overrides every dataset's own batch size (for "what if" tables)."""
+    ``batch_size`` overrides every dataset's own batch size (for "what if" tables); with several
+    processes each runs an equal share of the batches."""
     order = [idx for idx, item in enumerate(items) for _ in range(item.repeats)]
     batches = 0
     for indices in _groups(items, order).values():
         size = batch_size or items[indices[0]].dataset.batch_size
         batches += math.ceil(len(indices) / size)
-    return math.ceil(batches / gradient_accumulation_steps)
+    return math.ceil(math.ceil(batches / num_processes) / gradient_accumulation_steps)
 
 
 def caption_options(sub: SubsetSpec) -> CaptionOptions:

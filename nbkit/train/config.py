@@ -50,6 +50,20 @@ class TrainConfig:
     save_every_n_epochs: int | None = field(
         default=None, metadata=help_("Also save {output_name}-{epoch:06d} every N epochs.", "advanced")
     )
+    save_every_n_steps: int | None = field(
+        default=None, metadata=help_("Also save {output_name}-step{step:08d} every N steps.", "advanced")
+    )
+    save_last_n_epochs: int | None = field(default=None, metadata=help_("Keep only the newest N epoch files.", "advanced"))
+    save_state: bool = field(
+        default=True, metadata=help_("Save optimizer/RNG state with every save, so a dead Colab runtime can resume exactly.")
+    )
+    save_state_every_n_steps: int | None = field(
+        default=None, metadata=help_("Also save the state (not a LoRA file) every N steps: cheap insurance on Colab.")
+    )
+    save_last_n_steps_state: int | None = field(default=2, metadata=help_("Keep only the newest N states.", "advanced"))
+    resume: str | None = field(
+        default=None, metadata=help_("Resume from a *-state folder, or 'latest' (newest state of this output_name).")
+    )
     # --- optimisation
     learning_rate: float = field(default=1e-4, metadata=help_("Learning rate (used where unet_lr/text_encoder_lr are unset)."))
     train_batch_size: int = field(default=1, metadata=help_("Images per step (per GPU). 1-2 on a T4 at 512 px."))

@@ -14,7 +14,7 @@ setup(
     description="Colab/Jupyter notebooks and a small library to train SD LoRA, DreamBooth and hypernetworks",
     long_description=(here / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["nbkit", "nbkit.*"]),
     include_package_data=True,
     package_data={
@@ -38,6 +38,7 @@ setup(
         "tqdm>=4.66",
         "tomli-w>=1.0",
         "numpy>=1.24",
+        "imagehash>=4.3",  # near-duplicate detection (nbkit dataset dedup)
     ],
     extras_require={
         "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "ruff>=0.5"],

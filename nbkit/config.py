@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
 import tomli_w
-import tomllib
 
 CONFIG_VERSION = 1
 DATASET_TABLES = ("general", "datasets")

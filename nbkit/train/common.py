@@ -7,6 +7,7 @@ import warnings
 import torch
 
 from nbkit.config import ConfigError
+from nbkit.train import optimizers, schedules
 
 
 def resolve_mixed_precision(requested: str, device: torch.device) -> str:
@@ -28,22 +29,15 @@ def save_dtype_for(save_precision: str | None) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(save_precision or "float", torch.float32)
 
 
-def make_optimizer(name: str, param_groups: list[dict], lr: float) -> torch.optim.Optimizer:
-    if name == "AdamW":
-        return torch.optim.AdamW(param_groups, lr=lr)
-    if name == "AdamW8bit":
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:  # pragma: no cover - bitsandbytes is a dependency
-            raise ConfigError(f"optimizer_type=AdamW8bit needs bitsandbytes>=0.50 ({err}): pip install 'bitsandbytes>=0.50'") from None
-        return bnb.optim.AdamW8bit(param_groups, lr=lr)
-    raise ConfigError(f"optimizer_type={name!r} is not supported yet: use AdamW or AdamW8bit")
+def make_optimizer(name: str, param_groups: list[dict], lr: float, optimizer_args=None) -> torch.optim.Optimizer:
+    """Thin wrapper of :func:`nbkit.train.optimizers.make_optimizer` (kohya's optimizer_type table)."""
+    return optimizers.make_optimizer(name, param_groups, lr, optimizer_args)
 
 
-def make_lr_scheduler(name: str, optimizer, warmup_steps: int, total_steps: int):
-    from diffusers.optimization import get_scheduler
-
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps)
+def make_lr_scheduler(name: str, optimizer, warmup_steps: int | float, total_steps: int, **options):
+    """Thin wrapper of :func:`nbkit.train.schedules.make_lr_scheduler`; ``options`` are its keyword
+    arguments (lr_scheduler_num_cycles, lr_scheduler_power, lr_scheduler_min_lr_ratio, lr_scheduler_args)."""
+    return schedules.make_lr_scheduler(name, optimizer, num_training_steps=total_steps, lr_warmup_steps=warmup_steps, **options)
 
 
 def encode_prompts(tokenizer, text_encoder, captions: list[str], clip_skip: int | None, device) -> torch.Tensor:
@@ -66,41 +60,56 @@ def enable_te_checkpointing(text_encoder) -> None:
     enable()
 
 
-def training_noise_scheduler(prediction_type: str):
-    """The DDPM schedule SD was trained with (kohya builds the same one)."""
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        clip_sample=False,
-        prediction_type=prediction_type,
-    )
+def noise_options(config) -> dict:
+    return {
+        "noise_offset": config.noise_offset, "adaptive_noise_scale": config.adaptive_noise_scale,
+        "noise_offset_random_strength": config.noise_offset_random_strength,
+        "multires_noise_iterations": config.multires_noise_iterations,
+        "multires_noise_discount": config.multires_noise_discount,
+    }  # fmt: skip
 
 
-def diffusion_loss(unet, noise_scheduler, x0, cond, weight_dtype, weights=None, mask=None, timesteps=None, noise=None):
-    """The SD objective: MSE between the UNet's prediction and the noise (or v), per sample
-    weighted (prior_loss_weight) and masked (alpha_mask) as kohya does."""
-    noise = torch.randn_like(x0) if noise is None else noise
+def weighting_options(config, v_parameterization: bool) -> dict:
+    return {
+        "min_snr_gamma": config.min_snr_gamma, "v_parameterization": v_parameterization,
+        "scale_v_pred_loss_like_noise_pred": config.scale_v_pred_loss_like_noise_pred,
+        "v_pred_like_loss": config.v_pred_like_loss, "debiased_estimation_loss": config.debiased_estimation_loss,
+    }  # fmt: skip
+
+
+def diffusion_loss(unet, noise_scheduler, x0, cond, weight_dtype, config, v_parameterization: bool,
+                   prior_weights=None, mask=None, timesteps=None, noise=None, generator=None):
+    """The SD objective in kohya's order: noise (offset, pyramid), timesteps, input perturbation,
+    prediction, target (noise or v), element loss (l2/l1/huber), alpha mask, per-sample mean,
+    prior weights, SNR-based weights, batch mean."""
+    from nbkit.train.noise import compute_loss, huber_c_for, loss_target, make_noise, noisy_latents, sample_timesteps
+
+    if noise is None:
+        noise = make_noise(x0, generator=generator, **noise_options(config))
     if timesteps is None:
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (x0.shape[0],), device=x0.device)
-    noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+        timesteps = sample_timesteps(x0.shape[0], min_timestep=config.min_timestep or 0,
+                                     max_timestep=1000 if config.max_timestep is None else config.max_timestep,
+                                     device=x0.device, generator=generator)  # fmt: skip
+    noisy = noisy_latents(noise_scheduler, x0, noise, timesteps, config.ip_noise_gamma,
+                          config.ip_noise_gamma_random_strength, generator=generator)  # fmt: skip
     pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
-    v_prediction = noise_scheduler.config.prediction_type == "v_prediction"
-    target = noise_scheduler.get_velocity(x0, noise, timesteps) if v_prediction else noise
-    loss = torch.nn.functional.mse_loss(pred.float(), target.float(), reduction="none")
-    if mask is not None:
-        loss = loss * mask.to(loss.device)
-    loss = loss.mean(dim=(1, 2, 3))
-    if weights is not None:
-        loss = loss * torch.tensor(weights, device=loss.device, dtype=loss.dtype)
-    return loss.mean()
+    target = loss_target(noise_scheduler, x0, noise, timesteps, v_parameterization)
+    huber_c = huber_c_for(timesteps, noise_scheduler, config.huber_schedule, config.huber_c, config.huber_scale)
+    return compute_loss(pred, target, timesteps, noise_scheduler, loss_type=config.loss_type, huber_c=huber_c,
+                        mask=mask, prior_weights=prior_weights, **weighting_options(config, v_parameterization))
+
+
+def encode_captions(tokenizer, text_encoder, captions: list[str], config, v2: bool, device) -> torch.Tensor:
+    """UNet conditioning with kohya's clip_skip, max_token_length chunks and weighted captions."""
+    from nbkit.train.text import encode_text
+
+    return encode_text(tokenizer, text_encoder, captions, max_token_length=config.max_token_length,
+                       clip_skip=config.clip_skip, weighted_captions=config.weighted_captions, v2=v2, device=device)
 
 
 @torch.no_grad()
-def validation_loss(unet, text_encoder, tokenizer, noise_scheduler, latents, offset, items, config, weight_dtype, device):
+def validation_loss(unet, text_encoder, tokenizer, noise_scheduler, latents, offset, items, config, weight_dtype,
+                    device, v_parameterization: bool = False, v2: bool = False):
     """Mean loss of held-out images at fixed timesteps and fixed noise: comparable across epochs."""
     from nbkit.data.captions import CaptionOptions, process_caption
 
@@ -111,11 +120,11 @@ def validation_loss(unet, text_encoder, tokenizer, noise_scheduler, latents, off
     for index, item in enumerate(items):
         x0, mask = latents.batch([(offset + index, False)], None)
         caption = process_caption(item.caption, CaptionOptions(), None)  # raw caption, first line
-        cond = encode_prompts(tokenizer, text_encoder, [caption], config.clip_skip, device)
+        cond = encode_captions(tokenizer, text_encoder, [caption], config, v2, device)
         for t in (100, 300, 500, 700, 900):
             noise = torch.randn(x0.shape, generator=generator).to(device)
             timesteps = torch.tensor([t], device=device)
-            losses.append(diffusion_loss(unet, noise_scheduler, x0.to(device), cond, weight_dtype, None, mask,
-                                         timesteps, noise).item())
+            losses.append(diffusion_loss(unet, noise_scheduler, x0.to(device), cond, weight_dtype, config,
+                                         v_parameterization, None, mask, timesteps, noise, generator).item())
     unet.train(was_training)
     return sum(losses) / len(losses)

@@ -14,6 +14,8 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
 OPTIMIZERS = ("AdamW", "AdamW8bit")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
+LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
 
 @dataclass
@@ -81,6 +83,34 @@ class TrainConfig:
     sdpa: bool = field(default=True, metadata=help_("PyTorch scaled-dot-product attention (memory-efficient kernel on a T4).", "advanced"))
     prior_loss_weight: float = field(default=1.0, metadata=help_("Loss weight of regularisation (is_reg) images.", "advanced"))
     clip_skip: int | None = field(default=None, metadata=help_("Use the n-th last text-encoder layer (2 for many anime models).", "advanced"))
+    # --- noise and loss (kohya's custom_train_functions.py)
+    noise_offset: float | None = field(default=None, metadata=help_("Add offset noise (0.05-0.1): darker darks, brighter brights.", "advanced"))
+    noise_offset_random_strength: bool = field(default=False, metadata=help_("Random offset strength in [0, noise_offset].", "advanced"))
+    adaptive_noise_scale: float | None = field(
+        default=None, metadata=help_("Add |mean latent| x this to noise_offset (needs noise_offset).", "advanced")
+    )
+    multires_noise_iterations: int | None = field(default=None, metadata=help_("Pyramid noise levels (6-10).", "advanced"))
+    multires_noise_discount: float = field(default=0.3, metadata=help_("Pyramid noise discount per level.", "advanced"))
+    ip_noise_gamma: float | None = field(default=None, metadata=help_("Input perturbation noise (about 0.1).", "advanced"))
+    ip_noise_gamma_random_strength: bool = field(default=False, metadata=help_("Random strength in [0, ip_noise_gamma].", "advanced"))
+    min_snr_gamma: float | None = field(default=None, metadata=help_("Min-SNR loss weighting; 5 is recommended.", "advanced"))
+    scale_v_pred_loss_like_noise_pred: bool = field(
+        default=False, metadata=help_("Scale a v-prediction loss like a noise-prediction one (needs v_parameterization).", "advanced")
+    )
+    v_pred_like_loss: float | None = field(default=None, metadata=help_("Add a v-prediction-like loss (epsilon models).", "advanced"))
+    debiased_estimation_loss: bool = field(default=False, metadata=help_("Debiased estimation loss weighting.", "advanced"))
+    zero_terminal_snr: bool = field(default=False, metadata=help_("Rescale the noise schedule to zero terminal SNR (v-prediction).", "advanced"))
+    min_timestep: int | None = field(default=None, metadata=help_("Lowest training timestep (0-999).", "advanced"))
+    max_timestep: int | None = field(default=None, metadata=help_("Highest training timestep + 1 (1-1000).", "advanced"))
+    loss_type: str = field(default="l2", metadata=help_("Loss: l2 (MSE), l1, huber or smooth_l1.", "advanced", LOSS_TYPES))
+    huber_schedule: str = field(default="snr", metadata=help_("How huber_c varies with the timestep.", "advanced", HUBER_SCHEDULES))
+    huber_c: float = field(default=0.1, metadata=help_("Huber loss parameter.", "advanced"))
+    huber_scale: float = field(default=1.0, metadata=help_("Huber schedule scale.", "advanced"))
+    # --- text conditioning
+    max_token_length: int | None = field(
+        default=None, metadata=help_("Caption tokens: 75 (default), 150 or 225 (kohya's 75-token chunks).", "basic", (75, 150, 225))
+    )
+    weighted_captions: bool = field(default=False, metadata=help_("Read A1111 (tag:1.2) weights in captions.", "advanced"))
     seed: int = field(default=42, metadata=help_("Random seed for noise, timesteps and shuffling."))
     max_data_loader_n_workers: int = field(default=0, metadata=help_("Image loading workers (Colab has 2 vCPUs).", "advanced"))
 

@@ -30,17 +30,17 @@ from nbkit.data.train_data import (
 from nbkit.train.common import (
     diffusion_loss,
     enable_te_checkpointing,
-    encode_prompts,
+    encode_captions,
     make_lr_scheduler,
     make_optimizer,
     resolve_mixed_precision,
     save_dtype_for,
-    training_noise_scheduler,
     validation_loss,
     weight_dtype_for,
 )
 from nbkit.train.config import LoRATrainConfig
 from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
+from nbkit.train.noise import prepare_noise_scheduler
 from nbkit.train.state import (
     Progress,
     load_state,
@@ -120,7 +120,9 @@ def train_lora(
     optimizer = make_optimizer(config.optimizer_type, groups, config.learning_rate)
     lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps)
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    noise_scheduler = training_noise_scheduler("v_prediction" if info.v_parameterization else "epsilon")
+    noise_scheduler = prepare_noise_scheduler(
+        "v_prediction" if info.v_parameterization else "epsilon", config.zero_terminal_snr
+    )
 
     # ---- resume: weights, optimizer, schedule, RNGs and the position in the epoch
     progress = Progress(run_fingerprint=_fingerprint(config, total_steps))
@@ -162,11 +164,12 @@ def train_lora(
                 caption_state.step = step
                 with torch.set_grad_enabled(bool(te_params)):
                     captions = batch_captions(items, batch, rng, caption_state)
-                    cond = encode_prompts(tokenizer, text_encoder, captions, config.clip_skip, device)
+                    cond = encode_captions(tokenizer, text_encoder, captions, config, info.v2, device)
                 # Regularisation images are weighted by prior_loss_weight (kohya).
                 weights = [config.prior_loss_weight if items[i].subset.is_reg else 1.0 for i, _ in batch]
                 with accelerator.autocast():
-                    loss = diffusion_loss(unet, noise_scheduler, x0.to(device), cond, weight_dtype, weights, mask)
+                    loss = diffusion_loss(unet, noise_scheduler, x0.to(device), cond, weight_dtype, config,
+                                          info.v_parameterization, weights, mask)
                 if not torch.isfinite(loss):
                     raise TrainingError(_nan_message(step, saved, config))
                 # Backward, clip, step.
@@ -194,7 +197,8 @@ def train_lora(
         progress.batch_index = 0  # the epoch ran to its end
         if validation:
             hooks.on_validation(step, validation_loss(unet, text_encoder, tokenizer, noise_scheduler, latents,
-                                                      len(items), validation, config, weight_dtype, device))
+                                                      len(items), validation, config, weight_dtype, device,
+                                                      info.v_parameterization, info.v2))
         hooks.on_epoch_end(progress.epoch, step)
         if config.save_every_n_epochs and progress.epoch % config.save_every_n_epochs == 0 and step < total_steps:
             save(f"{config.output_name}-{progress.epoch:06d}", step)

@@ -1,0 +1,392 @@
+"""``nbkit dataset check``: what training will see, and every problem with the files, before a run.
+
+:func:`check_dataset` returns a :class:`DatasetReport`: per subset the image count, repeats,
+captions found/missing/empty, images x repeats, then steps per epoch and total steps counted by
+the trainer's own :func:`~nbkit.data.train_data.steps_per_epoch`, and a list of problems that
+each name the file, what is wrong and the fix. Nothing is changed: fixed copies
+(:func:`nbkit.data.fix.fix_dataset`) and quarantine (:func:`nbkit.data.fix.quarantine_problems`)
+happen only when asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from nbkit.data.dataset_config import DatasetSpec, SubsetSpec, load_dataset_config
+from nbkit.data.image_checks import ERROR, FIXABLE, WARNING, ImageCheck, Problem, check_image, read_text_tolerant
+from nbkit.data.images import IMAGE_EXTENSIONS, DatasetError
+from nbkit.data.safe_extract import CAPTION_EXTENSIONS, OTHER_IMAGE_EXTENSIONS
+from nbkit.project import Project
+
+MAX_SIDE = 3000
+
+
+@dataclass
+class CaptionCheck:
+    path: Path  # the caption file kohya would read (it may not exist)
+    status: str  # "found", "missing" or "empty"
+    text: str | None = None
+    encoding: str | None = None
+    problems: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class FileReport:
+    """One image of a subset and its caption."""
+
+    image: ImageCheck
+    caption: CaptionCheck
+
+    @property
+    def usable(self) -> bool:
+        return self.image.usable and not any(p.severity == ERROR for p in self.caption.problems)
+
+
+@dataclass
+class SubsetReport:
+    subset: SubsetSpec
+    files: list[FileReport] = field(default_factory=list)
+    others: list[FileReport] = field(default_factory=list)  # .gif/.tif/...: ignored by training
+    problems: list[Problem] = field(default_factory=list)  # folder-level problems
+
+    @property
+    def usable(self) -> int:
+        return sum(f.usable for f in self.files)
+
+    def captions(self, status: str) -> int:
+        return sum(f.caption.status == status for f in self.files)
+
+    @property
+    def samples(self) -> int:
+        """Images x repeats (before kohya's regularisation balancing)."""
+        return self.usable * self.subset.num_repeats
+
+    def all_problems(self) -> list[Problem]:
+        out = list(self.problems)
+        for f in self.files:
+            out += f.image.problems + f.caption.problems
+        for other in self.others:  # their captions matter only once converted: reported with the image's
+            out += other.image.problems + (other.caption.problems if other.image.usable else [])
+        return out
+
+
+def check_caption(image: Path, extension: str, class_tokens: str | None) -> CaptionCheck:
+    """The caption kohya would read for ``image``: missing, empty, encoding, extra lines."""
+    path = image.with_suffix(extension)
+    fallback = f"it trains with the class tokens '{class_tokens}'" if class_tokens else None
+    stop = ("training stops here: write the caption (e.g. with `nbkit tag`), or set class_tokens for this subset "
+            "(a folder named like '10_sks dog')")
+    if not path.is_file():
+        check = CaptionCheck(path, "missing")
+        if not fallback:
+            check.problems.append(Problem(image, ERROR, "no-caption", f"has no caption file {path.name} and the "
+                                          "subset has no class_tokens", stop))
+        return check
+    text, encoding = read_text_tolerant(path)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    check = CaptionCheck(path, "found" if lines else "empty", text, encoding)
+    if encoding not in ("utf-8", "utf-8-sig"):
+        sample = next((w for w in text.split() if any(ord(c) > 127 for c in w)), "")
+        seen = f" (read as {encoding}: '{sample}')" if sample else ""
+        check.problems.append(Problem(path, FIXABLE, "encoding", f"is not UTF-8 text{seen}; training stops with an "
+                                      "encoding error", "re-save it as UTF-8 in a text editor; the --fix-to copy is "
+                                      "re-encoded as UTF-8"))
+    elif encoding == "utf-8-sig":
+        check.problems.append(Problem(path, FIXABLE, "bom", "starts with an invisible byte-order mark that becomes "
+                                      "part of the first tag", "re-save it as UTF-8 without BOM; the --fix-to copy has "
+                                      "none"))
+    if not lines:
+        check.problems.append(Problem(path, WARNING if fallback else ERROR, "empty-caption", "is empty",
+                                      f"write the caption; until then {fallback}" if fallback else stop))
+    elif len(lines) > 1:
+        check.problems.append(Problem(path, WARNING, "multi-line", f"has {len(lines)} lines; only the first is used "
+                                      "(enable_wildcard picks one at random)", "join the lines with ', ' if they "
+                                      "are all tags of this image"))
+    return check
+
+
+def _folder_problems(sub: SubsetSpec, images: list[Path], files: list[Path]) -> list[Problem]:
+    folder, out = sub.image_dir, []
+    if not images:
+        nested = sorted({p.parent.name for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS})
+        hint = (f"the images are in subfolders ({', '.join(nested[:5])}); kohya reads only the folder itself: point "
+                "image_dir at them (`nbkit dataset import` does)") if nested else \
+            "put images in it, or remove this subset (folder) from the dataset config"
+        out.append(Problem(folder, ERROR, "empty-folder", "holds no images (.png .jpg .jpeg .webp .bmp); training "
+                           "stops with 'no images found'", hint))
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    for image in images:
+        by_stem[image.stem].append(image)
+    for stem, same in by_stem.items():
+        if len(same) > 1:
+            names = " and ".join(p.name for p in same)
+            out.append(Problem(same[1], WARNING, "duplicate-name", f"{names} share the caption file "
+                               f"{stem}{sub.caption_extension} (captions are matched by name)", "rename one and give "
+                               "it its own caption, or remove the duplicate; the --fix-to copy renames it"))
+    stems = {p.stem for p in images}
+    for caption in files:
+        if caption.suffix.lower() in CAPTION_EXTENSIONS and caption.stem not in stems:
+            out.append(Problem(caption, WARNING, "orphan-caption", "is a caption with no image of the same name; "
+                               "it is ignored", "rename it to match its image, or remove it"))
+    return out
+
+
+def check_subset(sub: SubsetSpec, resolution: tuple[int, int], max_side: int = MAX_SIDE,
+                 progress=None) -> SubsetReport:
+    """Check every file of one subset folder (only that folder, as kohya reads it)."""
+    report = SubsetReport(sub)
+    if not sub.image_dir.is_dir():
+        report.problems.append(Problem(sub.image_dir, ERROR, "missing-folder", "does not exist",
+                                       "fix image_dir in the dataset config"))
+        return report
+    files = sorted(p for p in sub.image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
+    images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    for path in images:
+        report.files.append(FileReport(check_image(path, resolution, max_side),
+                                       check_caption(path, sub.caption_extension, sub.class_tokens)))
+        if progress:
+            progress.update(1)
+    for path in files:
+        if path.suffix.lower() in OTHER_IMAGE_EXTENSIONS:
+            other = check_image(path, resolution, max_side)
+            if other.usable:
+                other.problems.insert(0, Problem(path, WARNING, "unsupported-format", f"is a {path.suffix} file; "
+                                                 "training reads only .png .jpg .jpeg .webp .bmp, so it is ignored",
+                                                 "convert it to PNG or JPEG; the --fix-to copy converts it to PNG"))
+            report.others.append(FileReport(other, check_caption(path, sub.caption_extension, sub.class_tokens)))
+    report.problems += _folder_problems(sub, images, files)
+    missing = report.captions("missing")
+    if missing and sub.class_tokens:
+        report.problems.append(Problem(sub.image_dir, WARNING, "captions-missing", f"{missing} of {len(images)} "
+                                       f"images have no {sub.caption_extension} caption; they train with the class "
+                                       f"tokens '{sub.class_tokens}'", "caption them (`nbkit tag`) if they show more "
+                                       "than the subject"))
+    return report
+
+
+@dataclass
+class DatasetReport:
+    """Everything :func:`check_dataset` found. ``str(report)`` is the printed table and problem list."""
+
+    datasets: list[DatasetSpec]
+    subsets: list[SubsetReport]
+    batch_size: int | None = None  # None: each dataset's own batch_size (as the trainer does)
+    epochs: int = 1
+    gradient_accumulation_steps: int = 1
+    steps_per_epoch: int | None = None
+    total_steps: int | None = None
+    steps_note: str = ""
+    extra_problems: list[Problem] = field(default_factory=list)  # project-level (folders not in the config)
+    project: Project | None = None
+    config_path: Path | None = None  # the dataset TOML checked (None for a folder or specs)
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for s in self.subsets for p in s.all_problems()] + self.extra_problems
+
+    def by_severity(self, severity: str) -> list[Problem]:
+        return [p for p in self.problems if p.severity == severity]
+
+    @property
+    def ok(self) -> bool:
+        """True when training can use every file exactly as it is."""
+        return not self.by_severity(ERROR) and not self.by_severity(FIXABLE)
+
+    def table(self) -> str:
+        rows = [("subset", "images", "usable", "repeats", "captions found/missing/empty", "images x repeats")]
+        for s in self.subsets:
+            name = _short(s.subset.image_dir, self.project) + (" (reg)" if s.subset.is_reg else "")
+            rows.append((name, str(len(s.files)), str(s.usable), str(s.subset.num_repeats),
+                         f"{s.captions('found')}/{s.captions('missing')}/{s.captions('empty')}", str(s.samples)))
+        rows.append(("total", str(sum(len(s.files) for s in self.subsets)), str(sum(s.usable for s in self.subsets)),
+                     "", "", str(sum(s.samples for s in self.subsets))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                 for r in rows]
+        batch = self.batch_size or "per dataset (" + ", ".join(str(d.batch_size) for d in self.datasets) + ")"
+        if self.steps_per_epoch is None:
+            lines.append(f"steps: unknown ({self.steps_note})")
+        else:
+            accum = f", gradient accumulation {self.gradient_accumulation_steps}" \
+                if self.gradient_accumulation_steps > 1 else ""
+            lines.append(f"batch size {batch}{accum}: {self.steps_per_epoch} steps per epoch x {self.epochs} epochs "
+                         f"= {self.total_steps} steps {self.steps_note}")
+        return "\n".join(lines)
+
+    def problem_lines(self) -> list[str]:
+        order = {ERROR: 0, FIXABLE: 1, WARNING: 2}
+        return [f"{p.severity.upper():8} {p}" for p in sorted(self.problems, key=lambda p: order[p.severity])]
+
+    def __str__(self) -> str:
+        counts = {s: len(self.by_severity(s)) for s in (ERROR, FIXABLE, WARNING)}
+        head = f"problems: {counts[ERROR]} errors, {counts[FIXABLE]} fixable, {counts[WARNING]} warnings"
+        tail = []
+        if counts[ERROR] or counts[FIXABLE]:
+            tail.append("Your files were not changed. Write fixed copies with --fix-to DIR (nbkit.data.fix.fix_dataset)"
+                        "; move unusable files out of a project copy with --quarantine DIR.")
+        return "\n".join([self.table(), head, *self.problem_lines(), *tail])
+
+
+def _short(path: Path, project: Project | None) -> str:
+    if project is not None and Path(path).is_relative_to(project.path):
+        return Path(path).relative_to(project.path).as_posix()
+    return str(path)
+
+
+def trainer_items(datasets: list[DatasetSpec], seed: int = 0) -> list:
+    """The training items exactly as the trainer collects them (warnings about skipped files hidden)."""
+    from nbkit.data.train_data import collect_items
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = collect_items(datasets, seed)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def output_plan(sub: SubsetReport) -> list[tuple[FileReport, str, str]]:
+    """(file, stem, suffix) of every file a clean copy of ``sub`` holds: the usable images, plus the
+    readable .gif/.tif/... converted to PNG; a stem already taken gets the old extension appended
+    (``a.png`` + ``a.jpg`` -> ``a.png`` + ``a-jpg.jpg``), so each image has its own caption."""
+    used: set[str] = set()
+    out = []
+    for f in [*sub.files, *sub.others]:
+        if not f.usable:
+            continue
+        path = f.image.path
+        suffix = (".jpg" if f.image.format == "JPEG" else ".png") if f.image.needs_conversion else path.suffix
+        stem, n = path.stem, 2
+        if stem.lower() in used:
+            stem = base = f"{path.stem}-{path.suffix.lstrip('.').lower()}"
+            while stem.lower() in used:
+                stem, n = f"{base}-{n}", n + 1
+        used.add(stem.lower())
+        out.append((f, stem, suffix))
+    return out
+
+
+def _clean_view(report: DatasetReport, folder: Path) -> list[DatasetSpec]:
+    """Datasets over ``folder`` laid out like the --fix-to copy, with links instead of image copies."""
+    out, index = [], 0
+    by_dir = {id(s.subset): s for s in report.subsets}
+    for ds in report.datasets:
+        subsets = []
+        for sub in ds.subsets:
+            sub_report, index = by_dir[id(sub)], index + 1
+            view = folder / str(index)
+            view.mkdir()
+            for f, stem, suffix in output_plan(sub_report):
+                os.symlink(f.image.path.resolve(), view / f"{stem}{suffix}")
+                if f.caption.text is not None:
+                    (view / f"{stem}{sub.caption_extension}").write_text(f.caption.text, encoding="utf-8")
+            if any(view.iterdir()):
+                subsets.append(dataclasses.replace(sub, image_dir=view))
+        if subsets:
+            out.append(dataclasses.replace(ds, subsets=subsets))
+    return out
+
+
+def count_steps(report: DatasetReport, seed: int = 0) -> None:
+    """Fill the step counts with the trainer's own functions.
+
+    With no unusable file the trainer's items are counted directly. Otherwise the count is for the
+    data without the unusable files (what the --fix-to copy trains on), through a temporary view.
+    """
+    from nbkit.data.train_data import steps_per_epoch
+
+    unusable = sum(len(s.files) - s.usable for s in report.subsets)
+    converted = any(p.kind in ("encoding", "bom", "unsupported-format") for p in report.problems)
+    try:
+        if not unusable and not converted:
+            items = trainer_items(report.datasets, seed)
+            report.steps_note = "(counted as the trainer counts them)"
+        else:
+            with tempfile.TemporaryDirectory(prefix="nbkit-check-") as tmp:
+                datasets = _clean_view(report, Path(tmp))
+                if not datasets:
+                    raise DatasetError("no usable images at all")
+                items = trainer_items(datasets, seed)
+            report.steps_note = f"(as in the --fix-to copy: {unusable} unusable files left out, .gif/.tif converted)"
+    except (ValueError, OSError) as err:  # DatasetError / ConfigError: what the trainer would stop with
+        report.steps_note = f"training cannot start: {err}"
+        return
+    report.steps_per_epoch = steps_per_epoch(items, report.batch_size, report.gradient_accumulation_steps)
+    report.total_steps = report.steps_per_epoch * report.epochs
+
+
+def _project_problems(project: Project, datasets: list[DatasetSpec]) -> list[Problem]:
+    """Folders of the project's dataset copy that are empty, or hold images the config does not train."""
+    from nbkit.data.importer import discover_subsets
+
+    configured = {Path(s.image_dir).resolve() for ds in datasets for s in ds.subsets}
+    found, empty = discover_subsets(project.dataset_dir)
+    out = [Problem(folder, WARNING, "empty-folder", "is an empty folder; nothing in it is trained",
+                   "add images to it, or remove it") for folder in empty]
+    if not any(d.is_relative_to(project.dataset_dir.resolve()) for d in configured):
+        return out  # the config trains a fixed copy elsewhere (fix_dataset): the imported copy is not expected
+    for sub in found:
+        if Path(sub.image_dir).resolve() not in configured:
+            out.append(Problem(sub.image_dir, WARNING, "not-in-config", "holds images the dataset config does not "
+                               "train", f"add a subset for it to {project.dataset_toml}, or import again to rewrite "
+                               "the config"))
+    return out
+
+
+def load_datasets(source: Project | str | Path | list[DatasetSpec], resolution: int | None = None,
+                  batch_size: int | None = None) -> tuple[list[DatasetSpec], Project | None, Path | None]:
+    """(datasets, project, dataset TOML) from a project, a dataset TOML, a folder of images, or resolved specs."""
+    from nbkit.data.importer import detect_caption_extension, parse_kohya_folder_name
+
+    defaults = {"resolution": resolution or 512, "batch_size": batch_size or 1}
+    if isinstance(source, list):
+        return source, None, None
+    if isinstance(source, Project):
+        if not source.dataset_toml.is_file():
+            raise DatasetError(f"{source.dataset_toml}: no dataset config yet: run `nbkit dataset import` first")
+        return load_dataset_config(source.dataset_toml, defaults), source, source.dataset_toml
+    path = Path(source).expanduser()
+    if path.is_dir():
+        kohya = parse_kohya_folder_name(path.name)
+        sub = SubsetSpec(image_dir=path, class_tokens=kohya.class_tokens, num_repeats=kohya.repeats,
+                         caption_extension=detect_caption_extension(path))
+        return [DatasetSpec(resolution=(defaults["resolution"],) * 2, batch_size=defaults["batch_size"],
+                            subsets=[sub])], None, None
+    return load_dataset_config(path, defaults), None, path
+
+
+def check_dataset(
+    source: Project | str | Path | list[DatasetSpec],
+    *,
+    batch_size: int | None = None,
+    epochs: int = 1,
+    gradient_accumulation_steps: int = 1,
+    resolution: int | None = None,
+    max_side: int = MAX_SIDE,
+    seed: int = 0,
+    progress: bool = True,
+) -> DatasetReport:
+    """Check a project (its ``dataset.toml``), a dataset TOML, a folder, or resolved specs.
+
+    ``batch_size`` None uses each dataset's own batch size, as the trainer does; ``resolution``
+    is the default for datasets that do not set one. Only reads files.
+    """
+    from tqdm.auto import tqdm
+
+    datasets, project, config_path = load_datasets(source, resolution)
+    total = sum(1 for ds in datasets for s in ds.subsets if s.image_dir.is_dir()
+                for p in s.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    report = DatasetReport(datasets, [], batch_size, epochs, gradient_accumulation_steps, project=project,
+                           config_path=config_path)
+    with tqdm(total=total, desc="checking images", unit="img", disable=not progress) as bar:
+        for ds in datasets:
+            for sub in ds.subsets:
+                report.subsets.append(check_subset(sub, ds.resolution, max_side, bar))
+    if project is not None:
+        report.extra_problems = _project_problems(project, datasets)
+    count_steps(report, seed)
+    return report

@@ -12,8 +12,6 @@ from nbkit.config import help_
 
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
-OPTIMIZERS = ("AdamW", "AdamW8bit")
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 
@@ -72,15 +70,42 @@ class TrainConfig:
     max_train_steps: int = field(default=1600, metadata=help_("Number of optimizer steps (ignored if max_train_epochs is set)."))
     max_train_epochs: int | None = field(default=None, metadata=help_("Train for this many epochs instead of max_train_steps."))
     gradient_accumulation_steps: int = field(default=1, metadata=help_("Micro-batches per optimizer step.", "advanced"))
-    optimizer_type: str = field(default="AdamW8bit", metadata=help_("Optimizer: AdamW8bit (least VRAM) or AdamW.", "basic", OPTIMIZERS))
+    optimizer_type: str = field(
+        default="AdamW8bit",
+        metadata=help_("Optimizer: AdamW8bit (least VRAM), AdamW, Lion, Prodigy, DAdaptAdam, Adafactor, SGDNesterov, "
+                       "PagedAdamW8bit, ... or a module.Class path."),
+    )
+    optimizer_args: list[str] | None = field(
+        default=None, metadata=help_("Extra optimizer arguments as key=value, e.g. weight_decay=0.01 betas=(0.9,0.99).", "advanced")
+    )
     max_grad_norm: float = field(default=1.0, metadata=help_("Gradient clipping norm (0 = off).", "advanced"))
-    lr_scheduler: str = field(default="constant", metadata=help_("Learning-rate schedule.", "advanced", LR_SCHEDULERS))
-    lr_warmup_steps: int = field(default=0, metadata=help_("Warm-up steps for the schedule.", "advanced"))
+    lr_scheduler: str = field(
+        default="constant",
+        metadata=help_("Schedule: constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, "
+                       "cosine_annealing_warm_restarts, adafactor, ... or an A1111 string like '5e-5:100, 5e-6:1500, 5e-7'."),
+    )
+    lr_warmup_steps: float = field(default=0, metadata=help_("Warm-up steps, or a fraction of the run if below 1.", "advanced"))
+    lr_scheduler_num_cycles: int = field(default=1, metadata=help_("Restarts for cosine_with_restarts.", "advanced"))
+    lr_scheduler_power: float = field(default=1.0, metadata=help_("Power of the polynomial schedule.", "advanced"))
+    lr_scheduler_min_lr_ratio: float | None = field(
+        default=None, metadata=help_("Minimum lr as a fraction of the peak (cosine_with_min_lr, warm restarts).", "advanced")
+    )
+    lr_scheduler_args: list[str] | None = field(
+        default=None, metadata=help_("Extra schedule arguments as key=value (e.g. gamma=0.9 for warm restarts).", "advanced")
+    )
     mixed_precision: str = field(
         default="fp16", metadata=help_("Autocast precision: fp16 on a T4 (it has no bf16); 'no' on CPU.", "basic", PRECISIONS)
     )
     gradient_checkpointing: bool = field(default=True, metadata=help_("Recompute activations in backward: much less VRAM, ~20% slower."))
     sdpa: bool = field(default=True, metadata=help_("PyTorch scaled-dot-product attention (memory-efficient kernel on a T4).", "advanced"))
+    xformers: bool = field(default=False, metadata=help_("Use xformers attention instead of SDPA (needs nbkit[xformers]).", "advanced"))
+    lowram: bool = field(
+        default=False, metadata=help_("Load the frozen weights in the training precision straight to the GPU (Colab RAM).", "advanced")
+    )
+    cache_text_encoder_outputs: bool = field(
+        default=False,
+        metadata=help_("Encode each caption once and move the text encoder off the GPU (frozen TE, fixed captions).", "advanced"),
+    )
     prior_loss_weight: float = field(default=1.0, metadata=help_("Loss weight of regularisation (is_reg) images.", "advanced"))
     clip_skip: int | None = field(default=None, metadata=help_("Use the n-th last text-encoder layer (2 for many anime models).", "advanced"))
     # --- noise and loss (kohya's custom_train_functions.py)
@@ -111,6 +136,17 @@ class TrainConfig:
         default=None, metadata=help_("Caption tokens: 75 (default), 150 or 225 (kohya's 75-token chunks).", "basic", (75, 150, 225))
     )
     weighted_captions: bool = field(default=False, metadata=help_("Read A1111 (tag:1.2) weights in captions.", "advanced"))
+    # --- sample previews (kohya's sample_prompts file: txt with --n --w --h --d --l --s --ss, toml or json)
+    sample_prompts: str | None = field(default=None, metadata=help_("Prompt file for preview images during training."))
+    sample_every_n_steps: int | None = field(default=None, metadata=help_("Preview every N steps."))
+    sample_every_n_epochs: int | None = field(default=None, metadata=help_("Preview every N epochs (overrides steps)."))
+    sample_at_first: bool = field(default=False, metadata=help_("Preview before the first step too."))
+    sample_sampler: str = field(default="ddim", metadata=help_("Sampler: ddim, euler, euler_a, dpmsolver++, pndm, ...", "advanced"))
+    # --- logging
+    log_with: str | None = field(
+        default=None, metadata=help_("Also log to tensorboard, wandb or all (needs the package).", "advanced", ("tensorboard", "wandb", "all"))
+    )
+    logging_dir: str | None = field(default=None, metadata=help_("Folder for tracker logs (default <output_dir>/logs).", "advanced"))
     seed: int = field(default=42, metadata=help_("Random seed for noise, timesteps and shuffling."))
     max_data_loader_n_workers: int = field(default=0, metadata=help_("Image loading workers (Colab has 2 vCPUs).", "advanced"))
 
@@ -120,6 +156,11 @@ class LoRATrainConfig(TrainConfig):
     network_module: str = field(default="networks.lora", metadata=help_("Network type (kohya name).", "advanced", ("networks.lora",)))
     network_dim: int = field(default=16, metadata=help_("LoRA rank. 8-32 for a character or style."))
     network_alpha: float = field(default=8.0, metadata=help_("LoRA alpha; the update is scaled by alpha/dim."))
+    conv_dim: int | None = field(default=None, metadata=help_("LoCon: also train 3x3 ResNet/sampler convs with this rank.", "advanced"))
+    conv_alpha: float | None = field(default=None, metadata=help_("LoCon alpha (default 1).", "advanced"))
+    network_dropout: float | None = field(default=None, metadata=help_("Dropout on the LoRA down output (kohya).", "advanced"))
+    rank_dropout: float | None = field(default=None, metadata=help_("Drop whole LoRA rank channels (kohya network_args).", "advanced"))
+    module_dropout: float | None = field(default=None, metadata=help_("Skip a LoRA module per step (kohya network_args).", "advanced"))
     unet_lr: float | None = field(default=None, metadata=help_("U-Net learning rate (default: learning_rate)."))
     text_encoder_lr: float | None = field(default=None, metadata=help_("Text encoder learning rate (default: learning_rate)."))
     network_train_unet_only: bool = field(default=False, metadata=help_("Train only the U-Net LoRA (saves VRAM)."))

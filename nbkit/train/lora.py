@@ -22,25 +22,23 @@ from nbkit.data.latents import LatentCache, cacheable
 from nbkit.data.train_data import (
     batch_captions,
     collect_items,
-    dataset_dirs,
     epoch_batches,
     steps_per_epoch,
-    tag_frequency,
 )
 from nbkit.train.common import (
     diffusion_loss,
-    enable_te_checkpointing,
     encode_captions,
-    make_lr_scheduler,
-    make_optimizer,
-    resolve_mixed_precision,
-    save_dtype_for,
     validation_loss,
     weight_dtype_for,
 )
 from nbkit.train.config import LoRATrainConfig
 from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
+from nbkit.train.lora_files import save_lora_file
+from nbkit.train.lora_setup import cache_text, load_base, make_accelerator, optimizer_and_schedule, prepare_models
 from nbkit.train.noise import prepare_noise_scheduler
+from nbkit.train.optimizers import describe_optimizer
+from nbkit.train.sampling import generate_samples, load_sample_prompts, should_sample
+from nbkit.train.schedules import schedule_finished
 from nbkit.train.state import (
     Progress,
     load_state,
@@ -72,16 +70,10 @@ def train_lora(
 ) -> TrainResult:
     """Train a LoRA. ``pipeline`` and its ``model_info`` (both from ``load_pipeline``) may be
     given to reuse an already loaded base model."""
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     # ---- setup: devices and precision. Frozen weights may be fp16; trainable ones stay fp32.
-    device = torch.device(device) if device else None
-    cpu = device.type == "cpu" if device else not torch.cuda.is_available()
-    mixed_precision = resolve_mixed_precision(config.mixed_precision, torch.device("cpu" if cpu else "cuda"))
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu
-    )
+    accelerator, mixed_precision = make_accelerator(config, device)
     device = accelerator.device
     set_seed(config.seed)
     rng = random.Random(config.seed)
@@ -92,9 +84,9 @@ def train_lora(
     weight_dtype = weight_dtype_for(mixed_precision)
 
     # ---- model: load, freeze, inject LoRA with fp32 weights
-    pipeline, info = _load_base(config, pipeline, model_info)
+    pipeline, info = load_base(config, pipeline, model_info, weight_dtype, device)
     unet, text_encoder, vae, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.vae, pipeline.tokenizer
-    unet_params, te_params = _prepare_models(config, unet, text_encoder, vae, device, weight_dtype)
+    unet_params, te_params = prepare_models(config, unet, text_encoder, vae, device, weight_dtype)
     trainable = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
     trainable.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
 
@@ -112,13 +104,9 @@ def train_lora(
     caption_state = CaptionState(step=0, epoch=1, max_train_steps=total_steps)
 
     # ---- optimizer and schedule (separate learning rates, kohya's unet_lr / text_encoder_lr)
-    groups = []
-    if unet_params:
-        groups.append({"params": unet_params, "lr": config.unet_lr or config.learning_rate})
-    if te_params:
-        groups.append({"params": te_params, "lr": config.text_encoder_lr or config.learning_rate})
-    optimizer = make_optimizer(config.optimizer_type, groups, config.learning_rate)
-    lr_scheduler = make_lr_scheduler(config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps)
+    optimizer, lr_scheduler = optimizer_and_schedule(config, unet_params, te_params, total_steps, world)
+    text_cache = cache_text(config, items + validation, tokenizer, text_encoder, info, device, bool(te_params))
+    prompts = load_sample_prompts(config.sample_prompts) if config.sample_prompts else []
     unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
     noise_scheduler = prepare_noise_scheduler(
         "v_prediction" if info.v_parameterization else "epsilon", config.zero_terminal_snr
@@ -132,8 +120,8 @@ def train_lora(
 
     def save(name: str | None, step: int) -> None:
         if name and accelerator.is_main_process:
-            saved.append(_save(config, name, unet, text_encoder, info, items, datasets, step, progress.epoch,
-                               started_at, accelerator, hooks))
+            saved.append(save_lora_file(config, name, unet, text_encoder, info, items, datasets, step, progress.epoch,
+                               started_at, accelerator, hooks, describe_optimizer(optimizer)))
         if config.save_state and accelerator.is_main_process:
             progress.rng_state = rng_to_json(rng.getstate())
             save_state(Path(config.output_dir) / state_dir_name(config.output_name, step), trainable, optimizer,
@@ -141,30 +129,37 @@ def train_lora(
             prune_states(config.output_dir, config.output_name, config.save_last_n_steps_state)
         accelerator.wait_for_everyone()
 
+    def sample(step: int, epoch: int | None) -> None:
+        if prompts and accelerator.is_main_process:
+            results = generate_samples(
+                pipeline, prompts, default_sampler=config.sample_sampler, step=step, epoch=epoch,
+                output_dir=config.output_dir, output_name=config.output_name, device=device,
+                autocast_dtype=weight_dtype if weight_dtype != torch.float32 else None,
+                default_size=datasets[0].resolution, base_seed=config.seed, clip_skip=config.clip_skip,
+            )
+            hooks.on_sample(step, [im for _, im, _ in results], [p.prompt for p, _, _ in results])
+        accelerator.wait_for_everyone()
+
     hooks.on_train_start(total_steps, {"images": len(items), "steps_per_epoch": steps_in_epoch})
+    if config.sample_at_first and progress.step == 0:
+        sample(0, None)
     unet.train()
     text_encoder.train(bool(te_params))
     step, saved, stop = progress.step, [], False
     while step < total_steps and not stop:
-        # An epoch's batch order comes from the Python RNG; a resumed epoch rebuilds the same order.
-        if progress.batch_index == 0:
-            progress.epoch += 1
-            progress.epoch_rng_state = rng_to_json(rng.getstate())
-        else:
-            current = rng.getstate()
-            restore_python_rng(rng, progress.epoch_rng_state)
-        batches = shard(epoch_batches(items, rng), accelerator.process_index, world)
-        if progress.batch_index:
-            rng.setstate(current)
+        batches = epoch_order(items, rng, progress, accelerator.process_index, world)
         caption_state.epoch = progress.epoch
         for batch in batches[progress.batch_index:]:
             with accelerator.accumulate(unet, text_encoder):
                 # Forward: noise the latents at random timesteps, predict noise (or v).
                 x0, mask = latents.batch(batch, rng)
                 caption_state.step = step
-                with torch.set_grad_enabled(bool(te_params)):
-                    captions = batch_captions(items, batch, rng, caption_state)
-                    cond = encode_captions(tokenizer, text_encoder, captions, config, info.v2, device)
+                if text_cache is not None:  # frozen text encoder, fixed captions: encoded once
+                    cond = torch.stack([text_cache[i] for i, _ in batch]).to(device)
+                else:
+                    with torch.set_grad_enabled(bool(te_params)):
+                        captions = batch_captions(items, batch, rng, caption_state)
+                        cond = encode_captions(tokenizer, text_encoder, captions, config, info.v2, device)
                 # Regularisation images are weighted by prior_loss_weight (kohya).
                 weights = [config.prior_loss_weight if items[i].subset.is_reg else 1.0 for i, _ in batch]
                 with accelerator.autocast():
@@ -176,6 +171,7 @@ def train_lora(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm:
                     accelerator.clip_grad_norm_(unet_params + te_params, config.max_grad_norm)
+                lr = lr_scheduler.get_last_lr()[0]  # the lr this step uses (logged below)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -184,8 +180,13 @@ def train_lora(
                 continue
             step += 1
             progress.step = step
-            hooks.on_step(step, loss.item(), lr_scheduler.get_last_lr()[0])
-            stop = hooks.should_stop()
+            hooks.on_step(step, loss.item(), lr)
+            if config.log_with:
+                accelerator.log({"loss": loss.item(), "lr": lr}, step=step)
+            stop = hooks.should_stop() or schedule_finished(lr_scheduler)  # an A1111 string can end the run
+            if should_sample(step, None, sample_every_n_steps=config.sample_every_n_steps,
+                             sample_every_n_epochs=config.sample_every_n_epochs):
+                sample(step, None)
             if step >= total_steps or stop:
                 break
             every = config.save_every_n_steps and step % config.save_every_n_steps == 0
@@ -200,6 +201,8 @@ def train_lora(
                                                       len(items), validation, config, weight_dtype, device,
                                                       info.v_parameterization, info.v2))
         hooks.on_epoch_end(progress.epoch, step)
+        if should_sample(step, progress.epoch, sample_every_n_epochs=config.sample_every_n_epochs, is_epoch_end=True):
+            sample(step, progress.epoch)
         if config.save_every_n_epochs and progress.epoch % config.save_every_n_epochs == 0 and step < total_steps:
             save(f"{config.output_name}-{progress.epoch:06d}", step)
             _prune_epochs(config, progress.epoch)
@@ -207,6 +210,8 @@ def train_lora(
     # ---- save the final file (a stop request saves too, so the LoRA and state are loadable)
     save(config.output_name, step)
     hooks.on_train_end(step)
+    if config.log_with:
+        accelerator.end_training()
     pipeline.unet, pipeline.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     final = Path(config.output_dir) / f"{config.output_name}.safetensors"
     return TrainResult(lora_path=final, steps=step, losses=recorder.losses, pipeline=pipeline, saved=saved)
@@ -222,6 +227,20 @@ def _nan_message(step: int, saved: list[Path], config) -> str:
             f"keep mixed_precision=fp16 with fp32 LoRA weights, or check the dataset; {last}")
 
 
+def epoch_order(items, rng: random.Random, progress: Progress, rank: int, world: int) -> list:
+    """This process's batches of the current epoch. The order comes from the Python RNG; a
+    resumed epoch rebuilds the same order from the RNG state saved at the epoch's start."""
+    if progress.batch_index == 0:
+        progress.epoch += 1
+        progress.epoch_rng_state = rng_to_json(rng.getstate())
+        return shard(epoch_batches(items, rng), rank, world)
+    current = rng.getstate()
+    restore_python_rng(rng, progress.epoch_rng_state)
+    batches = shard(epoch_batches(items, rng), rank, world)
+    rng.setstate(current)
+    return batches
+
+
 def shard(batches: list, rank: int, world: int) -> list:
     """This process's share of an epoch; padded by wrapping so every process runs as many steps."""
     if world == 1:
@@ -231,53 +250,7 @@ def shard(batches: list, rank: int, world: int) -> list:
     return padded[rank::world]
 
 
-def _load_base(config, pipeline, model_info):
-    from nbkit.models.load import load_pipeline
 
-    if pipeline is None:
-        return load_pipeline(config.pretrained_model_name_or_path, v2=config.v2, v_parameterization=config.v_parameterization)
-    if model_info is None:
-        raise ValueError("train_lora: pass model_info together with pipeline (both come from load_pipeline)")
-    return pipeline, model_info
-
-
-def _prepare_models(config, unet, text_encoder, vae, device, weight_dtype):
-    """Freeze the base, move it, inject (or load) the LoRA; return the trainable parameters."""
-    from nbkit.networks.lora import inject_lora, lora_parameters
-
-    for model in (unet, text_encoder, vae):
-        model.requires_grad_(False)
-    # The VAE encodes in fp32 (fp16 SD VAEs overflow to NaN); frozen UNet/TE weights in weight_dtype.
-    for model, dtype in ((vae, torch.float32), (unet, weight_dtype), (text_encoder, weight_dtype)):
-        if model.dtype == dtype:
-            model.to(device)
-        else:
-            model.to(device, dtype=dtype)
-    if config.network_weights:  # continue from a kohya file: its ranks and alphas win
-        from nbkit.formats.kohya_lora import load_kohya_lora
-
-        load_kohya_lora(config.network_weights, unet, text_encoder)
-    else:
-        inject_lora(
-            unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
-            train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
-        )
-    unet_params = list(lora_parameters(unet)) if config.train_unet else []
-    te_params = list(lora_parameters(text_encoder)) if config.train_text_encoder else []
-    for model in (unet, text_encoder):
-        model.requires_grad_(False)
-    for p in unet_params + te_params:
-        p.data = p.data.float()  # fp32 master weights: GradScaler refuses fp16 trainables
-        p.requires_grad_(True)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if te_params:
-            enable_te_checkpointing(text_encoder)
-    if config.sdpa:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
-    return unet_params, te_params
 
 
 def _fingerprint(config, total_steps: int) -> str:
@@ -305,47 +278,3 @@ def _prune_epochs(config, epoch: int) -> None:
     old = epoch - n * config.save_every_n_epochs
     if old > 0:
         (Path(config.output_dir) / f"{config.output_name}-{old:06d}.safetensors").unlink(missing_ok=True)
-
-
-def _save(config, name, unet, text_encoder, info, items, datasets, step, epoch, started_at, accelerator, hooks) -> Path:
-    """Write the kohya LoRA file with full metadata (main process only)."""
-    from nbkit.formats.kohya_lora import LoraTrainingInfo, build_metadata, save_kohya_lora
-    from nbkit.networks.lora import export_kohya_state_dict
-
-    unet = accelerator.unwrap_model(unet)
-    text_encoder = accelerator.unwrap_model(text_encoder)
-    state = export_kohya_state_dict(unet, text_encoder)  # every adapted model, trained or loaded
-    metadata = build_metadata(LoraTrainingInfo(
-        arch=info.arch,
-        network_dim=config.network_dim,
-        network_alpha=config.network_alpha,
-        output_name=name,
-        steps=step,
-        epoch=epoch,
-        max_train_steps=config.max_train_steps,
-        num_epochs=config.max_train_epochs,
-        learning_rate=config.learning_rate,
-        unet_lr=config.unet_lr,
-        text_encoder_lr=config.text_encoder_lr,
-        lr_scheduler=config.lr_scheduler,
-        lr_warmup_steps=config.lr_warmup_steps,
-        optimizer=config.optimizer_type,
-        resolution=datasets[0].resolution,
-        batch_size=datasets[0].batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        num_train_images=sum(i.repeats for i in items if not i.subset.is_reg),
-        num_reg_images=sum(i.repeats for i in items if i.subset.is_reg),
-        tag_frequency=tag_frequency(items),
-        dataset_dirs=dataset_dirs(items),
-        clip_skip=config.clip_skip,
-        mixed_precision=config.mixed_precision,
-        seed=config.seed,
-        sd_model_name=str(config.pretrained_model_name_or_path),
-        training_comment=config.training_comment,
-        training_started_at=started_at,
-        training_finished_at=time.time(),
-    ))
-    path = Path(config.output_dir) / f"{name}.safetensors"
-    save_kohya_lora(state, path, metadata, save_dtype_for(config.save_precision))
-    hooks.on_save(path, step)
-    return path

@@ -1,0 +1,140 @@
+"""Setup steps of the LoRA trainer: load the base, prepare models, cache text conditioning."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from nbkit.config import ConfigError
+from nbkit.data.captions import process_caption
+from nbkit.data.train_data import caption_options
+from nbkit.networks.dropout import add_lora_dropouts
+from nbkit.train.common import (
+    enable_te_checkpointing,
+    encode_captions,
+    make_lr_scheduler,
+    make_optimizer,
+    resolve_mixed_precision,
+)
+
+
+def load_base(config, pipeline, model_info, weight_dtype, device):
+    from nbkit.models.load import load_pipeline
+
+    if pipeline is None:
+        # lowram (kohya): the frozen weights never exist in fp32 in system RAM, and go to the GPU at once.
+        dtype = weight_dtype if config.lowram else torch.float32
+        pipeline, info = load_pipeline(config.pretrained_model_name_or_path, v2=config.v2,
+                                       v_parameterization=config.v_parameterization, torch_dtype=dtype)
+        if config.lowram:
+            pipeline.unet.to(device)
+            pipeline.text_encoder.to(device)
+        return pipeline, info
+    if model_info is None:
+        raise ValueError("train_lora: pass model_info together with pipeline (both come from load_pipeline)")
+    return pipeline, model_info
+
+
+def prepare_models(config, unet, text_encoder, vae, device, weight_dtype):
+    """Freeze the base, move it, inject (or load) the LoRA; return the trainable parameters."""
+    from nbkit.networks.lora import inject_lora, lora_parameters
+
+    for model in (unet, text_encoder, vae):
+        model.requires_grad_(False)
+    # The VAE encodes in fp32 (fp16 SD VAEs overflow to NaN); frozen UNet/TE weights in weight_dtype.
+    for model, dtype in ((vae, torch.float32), (unet, weight_dtype), (text_encoder, weight_dtype)):
+        if model.dtype == dtype:
+            model.to(device)
+        else:
+            model.to(device, dtype=dtype)
+    if config.network_weights:  # continue from a kohya file: its ranks and alphas win
+        from nbkit.formats.kohya_lora import load_kohya_lora
+
+        load_kohya_lora(config.network_weights, unet, text_encoder)
+    else:
+        inject_lora(
+            unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
+            train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
+            conv_dim=config.conv_dim, conv_alpha=config.conv_alpha,
+        )
+    for model in (unet, text_encoder):
+        add_lora_dropouts(model, network_dropout=config.network_dropout, rank_dropout=config.rank_dropout,
+                          module_dropout=config.module_dropout)
+    unet_params = list(lora_parameters(unet)) if config.train_unet else []
+    te_params = list(lora_parameters(text_encoder)) if config.train_text_encoder else []
+    for model in (unet, text_encoder):
+        model.requires_grad_(False)
+    for p in unet_params + te_params:
+        p.data = p.data.float()  # fp32 master weights: GradScaler refuses fp16 trainables
+        p.requires_grad_(True)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if te_params:
+            enable_te_checkpointing(text_encoder)
+    if config.xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as err:  # diffusers raises ModuleNotFoundError/ValueError without a working xformers
+            raise ConfigError(f"xformers=true: {err}: pip install 'nbkit[xformers]', or use sdpa (as fast on a T4)") from None
+    elif config.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+    return unet_params, te_params
+
+
+def cache_text(config, items, tokenizer, text_encoder, info, device, te_trained: bool):
+    """Encode every caption once when the text encoder is frozen and captions never change;
+    the text encoder then leaves the GPU (A1111's "unload VAE and CLIP while training")."""
+    if not config.cache_text_encoder_outputs:
+        return None
+    changing = [o for o in ("shuffle_caption", "enable_wildcard", "caption_dropout_rate", "caption_tag_dropout_rate",
+                            "caption_dropout_every_n_epochs", "token_warmup_step")
+                if any(getattr(it.subset, o) for it in items)]  # fmt: skip
+    if te_trained or changing:
+        why = "the text encoder is trained" if te_trained else f"captions change every step ({', '.join(changing)})"
+        raise ConfigError(f"cache_text_encoder_outputs: {why}: turn caching off or set network_train_unet_only")
+    captions = [process_caption(it.caption, caption_options(it.subset), random.Random(0)) for it in items]
+    cache = {}
+    with torch.no_grad():
+        for caption in dict.fromkeys(captions):
+            cache[caption] = encode_captions(tokenizer, text_encoder, [caption], config, info.v2, device)[0].cpu()
+    text_encoder.to("cpu")
+    return [cache[c] for c in captions]
+
+
+def make_accelerator(config, device):
+    """An Accelerator for the run (CPU when asked or without a GPU), trackers started if asked."""
+    from accelerate import Accelerator
+
+    from nbkit.config import to_dict
+
+    device = torch.device(device) if device else None
+    cpu = device.type == "cpu" if device else not torch.cuda.is_available()
+    mixed_precision = resolve_mixed_precision(config.mixed_precision, torch.device("cpu" if cpu else "cuda"))
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision, gradient_accumulation_steps=config.gradient_accumulation_steps, cpu=cpu,
+        log_with=config.log_with, project_dir=config.logging_dir or str(Path(config.output_dir) / "logs"),
+    )
+    if config.log_with:
+        values = {k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(config.output_name, config=values)
+    return accelerator, mixed_precision
+
+
+def optimizer_and_schedule(config, unet_params, te_params, total_steps: int, world: int):
+    """kohya's optimizer_type/optimizer_args with unet_lr/text_encoder_lr groups, and the lr schedule."""
+    groups = []
+    if unet_params:
+        groups.append({"params": unet_params, "lr": config.unet_lr or config.learning_rate})
+    if te_params:
+        groups.append({"params": te_params, "lr": config.text_encoder_lr or config.learning_rate})
+    optimizer = make_optimizer(config.optimizer_type, groups, config.learning_rate, config.optimizer_args)
+    lr_scheduler = make_lr_scheduler(  # accelerate steps the schedule once per process (kohya does the same)
+        config.lr_scheduler, optimizer, config.lr_warmup_steps, total_steps * world,
+        lr_scheduler_num_cycles=config.lr_scheduler_num_cycles, lr_scheduler_power=config.lr_scheduler_power,
+        lr_scheduler_min_lr_ratio=config.lr_scheduler_min_lr_ratio, lr_scheduler_args=config.lr_scheduler_args,
+    )
+    return optimizer, lr_scheduler

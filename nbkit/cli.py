@@ -37,7 +37,8 @@ def _cmd_train_lora(args) -> int:
     config = merge_cli(config, args)
     datasets = resolve_datasets(config, inline, base_dir)
     result = train_lora(config, datasets, hooks=ProgressHooks("LoRA"))
-    print(f"LoRA: {result.lora_path} ({result.steps} steps)")
+    if result.main_process:
+        print(f"LoRA: {result.lora_path} ({result.steps} steps)")
     return 0
 
 

@@ -58,6 +58,7 @@ class TrainResult:
     losses: list[float]
     pipeline: object = field(repr=False)  # the base pipeline with the trained LoRA injected
     saved: list[Path] = field(default_factory=list)
+    main_process: bool = True  # False in the other processes of a multi-GPU run (they save nothing)
 
 
 def train_lora(
@@ -214,7 +215,8 @@ def train_lora(
         accelerator.end_training()
     pipeline.unet, pipeline.text_encoder = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
     final = Path(config.output_dir) / f"{config.output_name}.safetensors"
-    return TrainResult(lora_path=final, steps=step, losses=recorder.losses, pipeline=pipeline, saved=saved)
+    return TrainResult(lora_path=final, steps=step, losses=recorder.losses, pipeline=pipeline, saved=saved,
+                       main_process=accelerator.is_main_process)
 
 
 class TrainingError(RuntimeError):

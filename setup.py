@@ -5,6 +5,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 here = Path(__file__).parent
+OPTIMIZERS = ["lion-pytorch>=0.2", "prodigyopt>=1.1", "dadaptation>=3.2"]
 version = {}
 exec((here / "nbkit" / "_version.py").read_text(), version)
 
@@ -41,8 +42,12 @@ setup(
         "imagehash>=4.3",  # near-duplicate detection (nbkit dataset dedup)
     ],
     extras_require={
-        "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "ruff>=0.5"],
+        # the tests also exercise the optional optimizers, so dev pulls them in
+        "dev": ["pytest>=8", "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "ruff>=0.5", *OPTIMIZERS],
+        "optimizers": OPTIMIZERS,
         "tagger": ["onnxruntime>=1.17", "onnx>=1.16"],
+        # on a Colab GPU: onnxruntime-gpu instead of onnxruntime (never both in one environment)
+        "tagger-gpu": ["onnxruntime-gpu>=1.19"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["nbkit=nbkit.cli:main"]},

@@ -80,3 +80,22 @@ def test_user_files_untouched(tmp_path):
 
     assert load_pixels(items[0])[0].shape == torch.Size([3, 16, 16])
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
+def test_16bit_truncated_and_latin1_inputs(tmp_path):
+    import numpy as np
+
+    folder = _images(tmp_path / "odd", 1, ["ok"])
+    Image.fromarray(np.full((8, 8), 30000, dtype=np.uint16)).save(folder / "deep.png")  # 16-bit greyscale
+    (folder / "deep.txt").write_text("deep")
+    assert open_rgb(folder / "deep.png").getpixel((0, 0)) == (117, 117, 117)  # 30000 >> 8, not white
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / "full.jpg", quality=95)
+    (folder / "cut.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:300])  # valid header, truncated data
+    (folder / "cut.txt").write_text("cut")
+    Image.new("RGB", (8, 8)).save(folder / "latin.png")
+    (folder / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.warns(UserWarning) as record:
+        items, _ = collect_items([DatasetSpec(subsets=[SubsetSpec(image_dir=folder, caption_extension=".txt")])])
+    assert sorted(i.image.name for i in items) == ["deep.png", "img0.png"]
+    messages = " ".join(str(w.message) for w in record)
+    assert "cut.jpg: cannot read" in messages and "latin.txt: not UTF-8" in messages

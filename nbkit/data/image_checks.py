@@ -15,12 +15,11 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
+
+from nbkit.data.images import ALPHA_MODES, SIXTEEN_BIT_MODES, flatten_to_rgb
 
 ERROR, FIXABLE, WARNING = "error", "fixable", "warning"
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 #: Problem kinds that make ``--fix-to`` re-encode the image instead of copying its bytes.
 CONVERT_KINDS = {"cmyk", "16-bit", "alpha", "palette", "too-large", "pixel-limit", "unsupported-format"}
 FIX_COPY = "the --fix-to copy"
@@ -193,20 +192,6 @@ def check_image(path: Path, resolution: tuple[int, int] = (512, 512), max_side: 
     bomb = any(issubclass(w.category, Image.DecompressionBombWarning) for w in caught)
     check.problems += _size_problems(path, check.size, resolution, max_side, bomb)
     return check
-
-
-def flatten_to_rgb(im: Image.Image) -> Image.Image:
-    """RGB with EXIF rotation applied: alpha onto white, CMYK/palette converted, 16-bit scaled to 8 bits."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in SIXTEEN_BIT_MODES:
-        array = np.asarray(im).astype(np.int64)
-        shift = 8 if array.max(initial=0) > 255 else 0
-        im = Image.fromarray(np.clip(array >> shift, 0, 255).astype(np.uint8), "L")
-    if im.mode in ALPHA_MODES or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, rgba)
-    return im.convert("RGB")
 
 
 def load_fixed(path: Path, max_side: int) -> Image.Image:

@@ -15,22 +15,43 @@ class DatasetError(ValueError):
     """Bad training data; the message names the file and the fix."""
 
 
+class CaptionEncodingError(DatasetError):
+    """A caption file that is not UTF-8."""
+
+
+class ImageReadError(DatasetError):
+    """An image file that cannot be decoded."""
+
+
 def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def flatten_to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with EXIF rotation applied: alpha onto white, CMYK/palette converted, 16-bit scaled to 8 bits."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in SIXTEEN_BIT_MODES:
+        array = np.asarray(im).astype(np.int64)
+        shift = 8 if array.max(initial=0) > 255 else 0
+        im = Image.fromarray(np.clip(array >> shift, 0, 255).astype(np.uint8), "L")
+    if im.mode in ALPHA_MODES or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(background, rgba)
+    return im.convert("RGB")
+
+
 def open_rgb(path: Path) -> Image.Image:
-    """Open an image as RGB: EXIF rotation applied, transparency composited onto white."""
+    """Open an image as RGB (see :func:`flatten_to_rgb`); unreadable files raise DatasetError."""
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-                im = Image.alpha_composite(background, im)
-            return im.convert("RGB")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{path}: cannot read this image ({err}): re-save it as PNG/JPEG or remove it") from None
+            return flatten_to_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"{path}: cannot read this image ({err}): re-save it as PNG/JPEG or remove it") from None
 
 
 FILTERS = {
@@ -56,13 +77,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, read from the header without decoding the pixels."""
+    """(width, height) after EXIF rotation. The pixels are decoded once too, so a truncated file
+    is found here, before training starts, and not in the middle of a run."""
     try:
         with Image.open(path) as im:
             width, height = im.size
             orientation = im.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DatasetError(f"{path}: cannot read this image ({err}): re-save it as PNG/JPEG or remove it") from None
+            im.load()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise ImageReadError(f"{path}: cannot read this image ({err}): re-save it as PNG/JPEG or remove it") from None
     return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
@@ -83,7 +106,9 @@ def read_caption(image: Path, extension: str, class_tokens: str | None) -> str:
         try:
             text = caption_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
-            raise DatasetError(f"{caption_file}: not UTF-8 text: re-save it as UTF-8") from None
+            raise CaptionEncodingError(
+                f"{caption_file}: not UTF-8 text: re-save it as UTF-8 (`nbkit dataset check --fix-to DIR` does it)"
+            ) from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:
             return "\n".join(lines)

@@ -22,7 +22,9 @@ from nbkit.data.buckets import BucketChoice, BucketManager, crop_box
 from nbkit.data.captions import CaptionOptions, CaptionState, process_caption
 from nbkit.data.dataset_config import DatasetSpec, SubsetSpec
 from nbkit.data.images import (
+    CaptionEncodingError,
     DatasetError,
+    ImageReadError,
     image_size,
     list_images,
     open_alpha,
@@ -70,10 +72,10 @@ def collect_items(datasets: list[DatasetSpec], seed: int = 0) -> tuple[list[Item
             for path in images:
                 try:
                     size = image_size(path)
-                except DatasetError as err:  # one bad file must not stop a Colab run: skip it, say why
+                    caption = read_caption(path, sub.caption_extension, sub.class_tokens)
+                except (CaptionEncodingError, ImageReadError) as err:  # one bad file must not stop a Colab run
                     warnings.warn(f"skipped: {err} (see `nbkit dataset check`)", stacklevel=2)
                     continue
-                caption = read_caption(path, sub.caption_extension, sub.class_tokens)
                 items.append(Item(path, caption, sub, ds, d_index, size, manager.select_bucket(*size), sub.num_repeats))
             if not items:
                 raise DatasetError(f"{sub.image_dir}: none of the images can be read: run `nbkit dataset check`")

@@ -17,18 +17,9 @@ import zipfile
 from pathlib import Path
 
 from nbkit.data.images import DatasetError
-from nbkit.models.download import download_dir_for
+from nbkit.models.download import download_url
 
 _CHUNK = 1 << 20
-
-
-def _open(url: str, offset: int, timeout: float):
-    from nbkit import __version__
-
-    headers = {"User-Agent": f"nbkit/{__version__}"}
-    if offset:
-        headers["Range"] = f"bytes={offset}-"
-    return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
 def _zip_name(response, url: str) -> str:
@@ -40,61 +31,26 @@ def _zip_name(response, url: str) -> str:
     return name if name.lower().endswith(".zip") else f"{name}.zip"
 
 
-def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[str, int | None]:
-    """Append the rest of ``url`` to ``part`` (HTTP Range resume); return (file name, total size)."""
-    from tqdm.auto import tqdm
-
-    offset = part.stat().st_size if part.exists() else 0
-    try:
-        response = _open(url, offset, timeout)
-    except urllib.error.HTTPError as err:
-        if err.code != 416 or not offset:
-            raise
-        part.unlink()  # the partial file does not fit the remote one: start over
-        offset, response = 0, _open(url, 0, timeout)
-    with response:
-        name = _zip_name(response, url)
-        if offset and response.status != 206:
-            offset = 0  # the server ignored the Range header
-        length = response.headers.get("Content-Length")
-        total = offset + int(length) if length and length.isdigit() else None
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=total, initial=offset, unit="B", unit_scale=True, desc=name, disable=not progress
-        ) as bar:
-            while chunk := response.read(_CHUNK):
-                out.write(chunk)
-                bar.update(len(chunk))
-    return name, total
+def _require_zip(part: Path, url: str) -> None:
+    if zipfile.is_zipfile(part):
+        return
+    head = part.read_bytes()[:200].lower()
+    part.unlink()
+    what = "a web page" if b"<html" in head or b"<!doctype" in head else "not a zip file"
+    raise DatasetError(
+        f"{url}: the server sent {what}, not a zip. Use a direct download link (for Google Drive, mount Drive "
+        "and pass the file path instead)"
+    )
 
 
 def download_archive(url: str, cache_dir: str | Path | None = None, *, timeout: float = 60.0,
                      progress: bool = True) -> Path:
     """Download a zip once into nbkit's cache, resuming a partial download; return the local file."""
-    folder = download_dir_for(url, cache_dir)
-    if folder.is_dir():
-        done = sorted(p for p in folder.glob("*.zip") if p.is_file())
-        if done:
-            return done[0]
-    folder.mkdir(parents=True, exist_ok=True)
-    part = folder / ".download.part"
     try:
-        name, total = _fetch(url, part, timeout, progress)
-    except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-        have = part.stat().st_size if part.exists() else 0
-        raise ConnectionError(f"{url}: download failed ({err}); run the import again to resume from {have} bytes") from err
-    if total is not None and part.stat().st_size != total:
-        raise ConnectionError(f"{url}: download incomplete ({part.stat().st_size} of {total} bytes); run again to resume")
-    if not zipfile.is_zipfile(part):
-        head = part.read_bytes()[:200].lower()
-        part.unlink()
-        what = "a web page" if b"<html" in head or b"<!doctype" in head else "not a zip file"
-        raise DatasetError(
-            f"{url}: the server sent {what}, not a zip. Use a direct download link (for Google Drive, mount Drive "
-            "and pass the file path instead)"
-        )
-    target = folder / name
-    part.replace(target)
-    return target
+        return download_url(url, cache_dir, timeout=timeout, progress=progress, suffixes=(".zip",),
+                            name_for=_zip_name, check=lambda part: _require_zip(part, url))
+    except ConnectionError as err:
+        raise ConnectionError(f"{err} (run the import again to resume)") from err
 
 
 def hf_dataset_snapshot(repo_id: str, cache_dir: str | Path | None = None, revision: str | None = None) -> Path:

@@ -129,8 +129,9 @@ def _open(url: str, offset: int, timeout: float):
     return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
 
 
-def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[str, int | None]:
-    """Append the rest of ``url`` to ``part``; return (file name, expected total size)."""
+def _fetch(url: str, part: Path, timeout: float, progress: bool, name_for=None) -> tuple[str, int | None]:
+    """Append the rest of ``url`` to ``part`` (HTTP Range resume); return (file name, expected total
+    size). ``name_for(response, url)`` names the file (default: a checkpoint name or an error)."""
     from tqdm.auto import tqdm
 
     offset = part.stat().st_size if part.exists() else 0
@@ -142,7 +143,7 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[str, i
         part.unlink()  # the partial file does not fit the remote one: start over
         offset, response = 0, _open(url, 0, timeout)
     with response:
-        name = _file_name(response, url)
+        name = (name_for or _file_name)(response, url)
         if offset and response.status != 206:
             offset = 0  # the server ignored the Range header
         length = response.headers.get("Content-Length")
@@ -157,19 +158,28 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> tuple[str, i
 
 
 def download_url(
-    url: str, cache_dir: str | os.PathLike | None = None, *, timeout: float = 60.0, progress: bool = True
+    url: str,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    timeout: float = 60.0,
+    progress: bool = True,
+    suffixes: tuple[str, ...] = WEIGHT_SUFFIXES,
+    name_for=None,
+    check=None,
 ) -> Path:
-    """Download a checkpoint URL once (resuming a partial download); return the local file."""
+    """Download a URL once (resuming a partial download); return the local file. By default only
+    checkpoints are accepted; ``suffixes``/``name_for``/``check(part)`` adapt it to other files
+    (``check`` may raise to refuse what arrived, e.g. a web page instead of a zip)."""
     url = _normalize(url)
     folder = download_dir_for(url, cache_dir)
     if folder.is_dir():
-        done = sorted(p for p in folder.iterdir() if p.suffix.lower() in WEIGHT_SUFFIXES and p.is_file())
+        done = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
         if done:
             return done[0]
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / ".download.part"
     try:
-        name, total = _fetch(url, part, timeout, progress)
+        name, total = _fetch(url, part, timeout, progress, name_for)
     except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         raise ConnectionError(
             f"{url}: download failed ({e}); run again to resume from {part.stat().st_size if part.exists() else 0} "
@@ -178,6 +188,8 @@ def download_url(
     size = part.stat().st_size
     if total is not None and size != total:
         raise ConnectionError(f"{url}: download incomplete ({size} of {total} bytes); run again to resume")
+    if check is not None:
+        check(part)
     target = folder / name
     os.replace(part, target)
     return target

@@ -18,7 +18,6 @@ import torch
 
 from nbkit.data.captions import CaptionState
 from nbkit.data.dataset_config import DatasetSpec
-from nbkit.data.latents import LatentCache, cacheable
 from nbkit.data.train_data import (
     batch_captions,
     collect_items,
@@ -34,7 +33,14 @@ from nbkit.train.common import (
 from nbkit.train.config import LoRATrainConfig
 from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
 from nbkit.train.lora_files import save_lora_file
-from nbkit.train.lora_setup import cache_text, load_base, make_accelerator, optimizer_and_schedule, prepare_models
+from nbkit.train.lora_setup import (
+    cache_latents,
+    cache_text,
+    load_base,
+    make_accelerator,
+    optimizer_and_schedule,
+    prepare_models,
+)
 from nbkit.train.noise import prepare_noise_scheduler
 from nbkit.train.optimizers import describe_optimizer
 from nbkit.train.sampling import generate_samples, load_sample_prompts, should_sample
@@ -69,8 +75,7 @@ def train_lora(
     model_info=None,
     device: str | torch.device | None = None,
 ) -> TrainResult:
-    """Train a LoRA. ``pipeline`` and its ``model_info`` (both from ``load_pipeline``) may be
-    given to reuse an already loaded base model."""
+    """Train a LoRA; ``pipeline`` + ``model_info`` (from ``load_pipeline``) reuse a loaded base model."""
     from accelerate.utils import set_seed
 
     # ---- setup: devices and precision. Frozen weights may be fp16; trainable ones stay fp32.
@@ -93,12 +98,7 @@ def train_lora(
 
     # ---- data: items in kohya buckets, latents cached once (the VAE then leaves the GPU)
     items, validation = collect_items(datasets, config.seed)
-    cache_dir = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
-    latents = LatentCache(items + validation, vae, device, cache_dir if config.cache_latents_to_disk else None)
-    if config.cache_latents:
-        latents.fill()
-        if all(cacheable(it) for it in items):
-            vae.to("cpu")
+    latents = cache_latents(config, items + validation, vae, device)
     world = accelerator.num_processes
     steps_in_epoch = steps_per_epoch(items, None, config.gradient_accumulation_steps, world)
     total_steps = config.max_train_epochs * steps_in_epoch if config.max_train_epochs else config.max_train_steps

@@ -138,3 +138,17 @@ def optimizer_and_schedule(config, unet_params, te_params, total_steps: int, wor
         lr_scheduler_min_lr_ratio=config.lr_scheduler_min_lr_ratio, lr_scheduler_args=config.lr_scheduler_args,
     )
     return optimizer, lr_scheduler
+
+
+def cache_latents(config, items, vae, device):
+    """Encode every cacheable image once (memory, and disk with cache_latents_to_disk); the VAE
+    leaves the GPU when nothing needs it any more (no color_aug/random_crop subsets)."""
+    from nbkit.data.latents import LatentCache, cacheable
+
+    disk = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
+    latents = LatentCache(items, vae, device, disk if config.cache_latents_to_disk else None)
+    if config.cache_latents:
+        latents.fill()
+        if all(cacheable(it) for it in items):
+            vae.to("cpu")
+    return latents

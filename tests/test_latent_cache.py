@@ -50,6 +50,10 @@ def test_disk_cache_reused_and_invalidated(tiny_pipe, tmp_path):
     files = sorted(cache_dir.glob("*.safetensors"))
     assert len(files) == len(items)
 
+    threaded = LatentCache(items, pipe.vae, "cpu", workers=2)  # decoding in threads changes nothing
+    threaded.fill()
+    assert all(torch.equal(threaded.memory[k][0], first.memory[k][0]) for k in first.memory)
+
     again = LatentCache(items, pipe.vae, "cpu", cache_dir)
     encoded = []
     again.encode = lambda pixels, keys: encoded.append(keys) or LatentCache.encode(again, pixels, keys)
@@ -80,6 +84,12 @@ def test_trainer_runs_exactly_the_counted_steps(tiny_model_dirs, tmp_path):
     assert {it.bucket.reso for it in items} == {(128, 128), (192, 64)}
     per_epoch = steps_per_epoch(items)
     assert per_epoch == 18 + 2  # 12 squares x3 -> 18 batches of 2; 1 wide x3 -> 2 batches
+    from nbkit.data.check import check_dataset
+
+    report = check_dataset(datasets, epochs=2, progress=False)
+    assert (report.steps_per_epoch, report.total_steps) == (per_epoch, 2 * per_epoch)
+    assert report.buckets == [((128, 128), 12, 36), ((192, 64), 1, 3)]
+    assert "192x64: 1 (3 with repeats)" in report.table()
     config = _config(model_dir, tmp_path, max_train_epochs=2, max_train_steps=999)
     assert train_lora(config, datasets, device="cpu").steps == 2 * per_epoch
 

@@ -185,6 +185,7 @@ class DatasetReport:
     extra_problems: list[Problem] = field(default_factory=list)  # project-level (folders not in the config)
     project: Project | None = None
     config_path: Path | None = None  # the dataset TOML checked (None for a folder or specs)
+    buckets: list = field(default_factory=list)  # (bucket, images, images x repeats) as the trainer assigns them
 
     @property
     def problems(self) -> list[Problem]:
@@ -217,6 +218,8 @@ class DatasetReport:
                 if self.gradient_accumulation_steps > 1 else ""
             lines.append(f"batch size {batch}{accum}: {self.steps_per_epoch} steps per epoch x {self.epochs} epochs "
                          f"= {self.total_steps} steps {self.steps_note}")
+        if self.buckets:
+            lines.append("buckets: " + ", ".join(f"{w}x{h}: {n} ({r} with repeats)" for (w, h), n, r in self.buckets))
         return "\n".join(lines)
 
     def problem_lines(self) -> list[str]:
@@ -297,6 +300,7 @@ def count_steps(report: DatasetReport, seed: int = 0) -> None:
     With no unusable file the trainer's items are counted directly. Otherwise the count is for the
     data without the unusable files (what the --fix-to copy trains on), through a temporary view.
     """
+    from nbkit.data.buckets import bucket_report
     from nbkit.data.train_data import steps_per_epoch
 
     unusable = sum(len(s.files) - s.usable for s in report.subsets)
@@ -317,6 +321,7 @@ def count_steps(report: DatasetReport, seed: int = 0) -> None:
         return
     report.steps_per_epoch = steps_per_epoch(items, report.batch_size, report.gradient_accumulation_steps)
     report.total_steps = report.steps_per_epoch * report.epochs
+    report.buckets = bucket_report([it.bucket.reso for it in items], [it.repeats for it in items])
 
 
 def _project_problems(project: Project, datasets: list[DatasetSpec]) -> list[Problem]:

@@ -47,12 +47,14 @@ def cacheable(item: Item) -> bool:
 class LatentCache:
     """Encodes items with the VAE once; serves (latent, mask) pairs by ``(index, flipped)``."""
 
-    def __init__(self, items: list[Item], vae, device, disk_dir: str | Path | None = None, batch_size: int = 4):
+    def __init__(self, items: list[Item], vae, device, disk_dir: str | Path | None = None, batch_size: int = 4,
+                 workers: int = 0):
         self.items = items
         self.vae = vae
         self.device = torch.device(device)
         self.disk_dir = Path(disk_dir) if disk_dir else None
         self.batch_size = batch_size
+        self.workers = workers  # threads that decode images while the VAE encodes (2 vCPUs on Colab)
         self.memory: dict[LatentKey, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self._vae_id = vae_identity(vae) if self.disk_dir else ""
         self._content: dict[Path, str] = {}
@@ -84,17 +86,24 @@ class LatentCache:
         return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
     def fill(self, progress: Callable[[int], None] | None = None) -> None:
-        """Encode every cacheable item (reading the disk cache first), in batches of one bucket."""
+        """Encode every cacheable item (reading the disk cache first), in batches of one bucket;
+        with ``workers`` the next batch's images are decoded in threads while the VAE runs."""
+        from concurrent.futures import ThreadPoolExecutor
+
         todo = [k for k in self.keys_to_cache() if not self._load_from_disk(k)]
         if progress:
             progress(len(self.keys_to_cache()) - len(todo))
         by_bucket: dict[tuple, list[LatentKey]] = {}
         for key in todo:
             by_bucket.setdefault(self.items[key[0]].bucket.reso, []).append(key)
-        for keys in by_bucket.values():
-            for start in range(0, len(keys), self.batch_size):
-                chunk = keys[start:start + self.batch_size]
-                loaded = [load_pixels(self.items[i], flip, with_mask=True) for i, flip in chunk]
+        chunks = [keys[i:i + self.batch_size] for keys in by_bucket.values() for i in range(0, len(keys), self.batch_size)]
+
+        def load(chunk):
+            return [load_pixels(self.items[i], flip, with_mask=True) for i, flip in chunk]
+
+        with ThreadPoolExecutor(max_workers=max(1, self.workers)) as pool:
+            loaded_chunks = pool.map(load, chunks) if self.workers else map(load, chunks)
+            for chunk, loaded in zip(chunks, loaded_chunks):
                 latents = self.encode(torch.stack([p for p, _ in loaded]), chunk)
                 for key, latent, (_, mask) in zip(chunk, latents, loaded):
                     self.memory[key] = (latent.float().cpu(), mask)

@@ -148,7 +148,7 @@ class TrainConfig:
     )
     logging_dir: str | None = field(default=None, metadata=help_("Folder for tracker logs (default <output_dir>/logs).", "advanced"))
     seed: int = field(default=42, metadata=help_("Random seed for noise, timesteps and shuffling."))
-    max_data_loader_n_workers: int = field(default=0, metadata=help_("Image loading workers (Colab has 2 vCPUs).", "advanced"))
+    max_data_loader_n_workers: int = field(default=0, metadata=help_("Threads decoding images while the VAE encodes (Colab has 2 vCPUs: 0-2).", "advanced"))
 
 
 @dataclass

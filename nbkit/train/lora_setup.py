@@ -143,12 +143,16 @@ def optimizer_and_schedule(config, unet_params, te_params, total_steps: int, wor
 def cache_latents(config, items, vae, device):
     """Encode every cacheable image once (memory, and disk with cache_latents_to_disk); the VAE
     leaves the GPU when nothing needs it any more (no color_aug/random_crop subsets)."""
+    from tqdm.auto import tqdm
+
     from nbkit.data.latents import LatentCache, cacheable
 
     disk = config.latent_cache_dir or str(Path(config.output_dir) / "latent_cache")
-    latents = LatentCache(items, vae, device, disk if config.cache_latents_to_disk else None)
+    latents = LatentCache(items, vae, device, disk if config.cache_latents_to_disk else None,
+                          workers=config.max_data_loader_n_workers)
     if config.cache_latents:
-        latents.fill()
+        with tqdm(total=len(latents.keys_to_cache()), desc="VAE encode", unit="img") as bar:
+            latents.fill(bar.update)
         if all(cacheable(it) for it in items):
             vae.to("cpu")
     return latents

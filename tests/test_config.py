@@ -39,8 +39,14 @@ def test_unknown_key_names_closest(tmp_path):
 def test_bad_type_and_choice_are_clear():
     with pytest.raises(ConfigError, match="'network_dim' must be int"):
         from_dict(LoRATrainConfig, {"network_dim": "big"})
-    with pytest.raises(ConfigError, match="optimizer_type.*not one of"):
-        from_dict(LoRATrainConfig, {"optimizer_type": "Adam9bit"})
+    with pytest.raises(ConfigError, match="loss_type.*not one of"):
+        from_dict(LoRATrainConfig, {"loss_type": "l3"})
+    import torch
+
+    from nbkit.train.optimizers import make_optimizer
+
+    with pytest.raises(ConfigError, match="Adam9bit"):  # free text (module.Class allowed), checked when built
+        make_optimizer("Adam9bit", [{"params": [torch.nn.Parameter(torch.zeros(1))]}], 1e-3)
 
 
 def test_kohya_sectioned_config_file_is_flattened(tmp_path):

@@ -19,7 +19,7 @@ setup(
     packages=find_packages(include=["nbkit", "nbkit.*"]),
     include_package_data=True,
     package_data={
-        "nbkit": ["assets/*"],
+        "nbkit": ["assets/*", "assets/templates/*"],  # templates: A1111's hypernetwork prompt templates
         # real SD1.5/SD2.1 diffusers configs for offline single-file loading (nbkit/models/configs)
         "nbkit.models": ["configs/*/*.json", "configs/*/*/*.json"],
     },

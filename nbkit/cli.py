@@ -11,7 +11,8 @@ from pathlib import Path
 from nbkit._version import __version__
 
 # Modules with an ``add_commands(subparsers)`` function: ``nbkit dataset ...``, ``nbkit tag ...``.
-COMMAND_MODULES = ("nbkit.data.cli", "nbkit.tag.cli")
+COMMAND_MODULES = ("nbkit.data.cli", "nbkit.tag.cli", "nbkit.merge.cli",
+                   "nbkit.networks.hypernetwork.cli")
 
 
 def _cmd_make_tiny_model(args) -> int:
@@ -42,6 +43,25 @@ def _cmd_train_lora(args) -> int:
     return 0
 
 
+def _cmd_train_dreambooth(args) -> int:
+    from nbkit.config import merge_cli
+    from nbkit.train.dreambooth import train_dreambooth
+    from nbkit.train.dreambooth_config import DreamBoothTrainConfig, resolve_dreambooth_datasets
+    from nbkit.train.hooks import ProgressHooks
+    from nbkit.train.run_file import load_run_config
+
+    if args.config:
+        config, inline, base_dir = load_run_config(args.config, DreamBoothTrainConfig)
+    else:
+        config, inline, base_dir = DreamBoothTrainConfig(), {}, Path.cwd()
+    config = merge_cli(config, args)
+    datasets = resolve_dreambooth_datasets(config, inline, base_dir)
+    result = train_dreambooth(config, datasets, hooks=ProgressHooks("DreamBooth"))
+    if result.main_process:
+        print(f"DreamBooth: {', '.join(map(str, result.model_paths))} ({result.steps} steps)")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from nbkit.demo import run_demo
 
@@ -52,6 +72,7 @@ def _cmd_demo(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from nbkit.config import add_dataclass_arguments
     from nbkit.train.config import LoRATrainConfig
+    from nbkit.train.dreambooth_config import DreamBoothTrainConfig
 
     parser = argparse.ArgumentParser(prog="nbkit", description="Train Stable Diffusion add-ons on a free Colab GPU.")
     parser.add_argument("--version", action="version", version=f"nbkit {__version__}")
@@ -70,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--config", help="run TOML (kohya option names; dataset inline or via dataset_config)")
     add_dataclass_arguments(lora, LoRATrainConfig)
     lora.set_defaults(func=_cmd_train_lora)
+    dreambooth = methods.add_parser("dreambooth", help="DreamBooth: fine-tune the model (kohya train_db names)")
+    dreambooth.add_argument("--config", help="run TOML (kohya option names; train_data_dir, dataset inline or dataset_config)")
+    add_dataclass_arguments(dreambooth, DreamBoothTrainConfig)
+    dreambooth.set_defaults(func=_cmd_train_dreambooth)
+    sub._nbkit_train_methods = methods  # COMMAND_MODULES may add `nbkit train <method>` here
 
     for module in COMMAND_MODULES:  # each feature area adds its own subcommands
         importlib.import_module(module).add_commands(sub)

@@ -90,9 +90,7 @@ def cache_text(config, items, tokenizer, text_encoder, info, device, te_trained:
     the text encoder then leaves the GPU (A1111's "unload VAE and CLIP while training")."""
     if not config.cache_text_encoder_outputs:
         return None
-    changing = [o for o in ("shuffle_caption", "enable_wildcard", "caption_dropout_rate", "caption_tag_dropout_rate",
-                            "caption_dropout_every_n_epochs", "token_warmup_step")
-                if any(getattr(it.subset, o) for it in items)]  # fmt: skip
+    changing = changing_caption_options(items)
     if te_trained or changing:
         why = "the text encoder is trained" if te_trained else f"captions change every step ({', '.join(changing)})"
         raise ConfigError(f"cache_text_encoder_outputs: {why}: turn caching off or set network_train_unet_only")
@@ -156,3 +154,75 @@ def cache_latents(config, items, vae, device):
         if all(cacheable(it) for it in items):
             vae.to("cpu")
     return latents
+
+
+def prepare_full_models(config, unet, text_encoder, vae, device, weight_dtype, train_text_encoder: bool):
+    """Full fine-tuning (DreamBooth): every U-Net weight trains in fp32 (master weights: autocast
+    computes in fp16, GradScaler refuses fp16 trainables); the text encoder trains in fp32 too or
+    stays frozen in ``weight_dtype``; the VAE is frozen in fp32. Returns (unet_params, te_params)."""
+    te_dtype = torch.float32 if train_text_encoder else weight_dtype
+    for model, dtype in ((vae, torch.float32), (unet, torch.float32), (text_encoder, te_dtype)):
+        if model.dtype == dtype:  # a dtype in .to() makes diffusers warn even when nothing changes
+            model.to(device)
+        else:
+            model.to(device, dtype=dtype)
+    vae.requires_grad_(False)
+    unet.requires_grad_(True)
+    text_encoder.requires_grad_(train_text_encoder)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if train_text_encoder:
+            enable_te_checkpointing(text_encoder)
+    set_attention(config, unet)
+    return list(unet.parameters()), list(text_encoder.parameters()) if train_text_encoder else []
+
+
+def set_attention(config, unet) -> None:
+    """kohya's xformers / sdpa switches (SDPA runs the memory-efficient kernel on a T4)."""
+    if config.xformers:
+        try:
+            unet.enable_xformers_memory_efficient_attention()
+        except Exception as err:  # diffusers raises ModuleNotFoundError/ValueError without a working xformers
+            raise ConfigError(f"xformers=true: {err}: pip install 'nbkit[xformers]', or use sdpa (as fast on a T4)") from None
+    elif config.sdpa:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        unet.set_attn_processor(AttnProcessor2_0())
+
+
+def load_vae(path: str | Path, like):
+    """kohya ``--vae``: a VAE from a single file (``.safetensors``/``.ckpt``/``.pt``, with or without
+    the ``first_stage_model.`` prefix, e.g. vae-ft-mse-840000) or a diffusers folder (``vae/`` inside a
+    model folder is found). ``like`` is the base model's VAE: the new one must have its shapes."""
+    import tempfile
+
+    from diffusers import AutoencoderKL
+
+    from nbkit.formats.checkpoint_io import read_single_file
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        sub = "vae" if (path / "vae" / "config.json").is_file() else None
+        vae = AutoencoderKL.from_pretrained(str(path), subfolder=sub, local_files_only=True)
+    elif path.is_file():
+        state, _ = read_single_file(path)
+        with tempfile.TemporaryDirectory() as config_dir:
+            like.save_config(config_dir)
+            try:
+                vae = AutoencoderKL.from_single_file(state, config=config_dir, local_files_only=True)
+            except Exception as err:  # diffusers raises on missing keys / wrong shapes
+                raise ConfigError(f"vae: {path} is not a VAE for this model ({err}): pass the model's VAE file") from None
+    else:
+        raise ConfigError(f"vae: {path} is not a file or folder: pass a VAE .safetensors/.pt file or a diffusers VAE folder")
+    theirs, ours = vae.state_dict(), like.state_dict()
+    bad = [k for k in ours if k not in theirs or theirs[k].shape != ours[k].shape]
+    if bad:
+        raise ConfigError(f"vae: {path} does not fit this model (e.g. {bad[0]}): pass a VAE of the same architecture")
+    return vae.to(torch.float32)
+
+
+def changing_caption_options(items) -> list[str]:
+    """Subset options that make a caption differ from step to step (then text cannot be cached)."""
+    return [o for o in ("shuffle_caption", "enable_wildcard", "caption_dropout_rate", "caption_tag_dropout_rate",
+                        "caption_dropout_every_n_epochs", "token_warmup_step")
+            if any(getattr(it.subset, o) for it in items)]  # fmt: skip

@@ -6,7 +6,6 @@ import argparse
 import importlib
 import os
 import sys
-from pathlib import Path
 
 from nbkit._version import __version__
 
@@ -25,17 +24,12 @@ def _cmd_make_tiny_model(args) -> int:
 
 
 def _cmd_train_lora(args) -> int:
-    from nbkit.config import merge_cli
     from nbkit.train.config import LoRATrainConfig
     from nbkit.train.hooks import ProgressHooks
     from nbkit.train.lora import train_lora
-    from nbkit.train.run_file import load_run_config, resolve_datasets
+    from nbkit.train.run_file import config_from_args, resolve_datasets
 
-    if args.config:
-        config, inline, base_dir = load_run_config(args.config, LoRATrainConfig)
-    else:
-        config, inline, base_dir = LoRATrainConfig(), {}, Path.cwd()
-    config = merge_cli(config, args)
+    config, inline, base_dir = config_from_args(args, LoRATrainConfig)
     datasets = resolve_datasets(config, inline, base_dir)
     result = train_lora(config, datasets, hooks=ProgressHooks("LoRA"))
     if result.main_process:
@@ -44,17 +38,12 @@ def _cmd_train_lora(args) -> int:
 
 
 def _cmd_train_dreambooth(args) -> int:
-    from nbkit.config import merge_cli
     from nbkit.train.dreambooth import train_dreambooth
     from nbkit.train.dreambooth_config import DreamBoothTrainConfig, resolve_dreambooth_datasets
     from nbkit.train.hooks import ProgressHooks
-    from nbkit.train.run_file import load_run_config
+    from nbkit.train.run_file import config_from_args
 
-    if args.config:
-        config, inline, base_dir = load_run_config(args.config, DreamBoothTrainConfig)
-    else:
-        config, inline, base_dir = DreamBoothTrainConfig(), {}, Path.cwd()
-    config = merge_cli(config, args)
+    config, inline, base_dir = config_from_args(args, DreamBoothTrainConfig)
     datasets = resolve_dreambooth_datasets(config, inline, base_dir)
     result = train_dreambooth(config, datasets, hooks=ProgressHooks("DreamBooth"))
     if result.main_process:

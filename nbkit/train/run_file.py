@@ -43,3 +43,14 @@ def run_config_dict(config, datasets_raw: dict[str, Any] | None = None) -> dict[
     if datasets_raw:
         out.update(datasets_raw)
     return out
+
+
+def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
+    """(config, inline datasets, base folder) from ``--config run.toml`` plus the CLI flags over it."""
+    from nbkit.config import merge_cli
+
+    if getattr(args, "config", None):
+        config, inline, base_dir = load_run_config(args.config, cls)
+    else:
+        config, inline, base_dir = cls(), {}, Path.cwd()
+    return merge_cli(config, args), inline, base_dir

@@ -6,17 +6,12 @@ from pathlib import Path
 
 
 def _cmd_train(args) -> int:
-    from nbkit.config import merge_cli
     from nbkit.train.hooks import ProgressHooks
     from nbkit.train.hypernetwork import train_hypernetwork
     from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
-    from nbkit.train.run_file import load_run_config
+    from nbkit.train.run_file import config_from_args
 
-    if args.config:
-        config, inline, base_dir = load_run_config(args.config, HypernetworkTrainConfig)
-    else:
-        config, inline, base_dir = HypernetworkTrainConfig(), {}, Path.cwd()
-    config = merge_cli(config, args)
+    config, inline, base_dir = config_from_args(args, HypernetworkTrainConfig)
     datasets = hypernetwork_datasets(config, inline, base_dir)
     result = train_hypernetwork(config, datasets, hooks=ProgressHooks("hypernetwork"))
     if result.main_process:

@@ -3,57 +3,23 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
+from kill_harness import run_killable
 from safetensors.torch import load_file
 
 from nbkit.demo import make_sample_dataset
 
-CHILD = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    import torch
+CHILD = """
+from nbkit.train.dreambooth import train_dreambooth
+from nbkit.train.dreambooth_config import DreamBoothTrainConfig, folder_datasets
 
-    config, kill = json.loads(sys.argv[1])
-    if kill:
-        what, n = kill.split(":")
-        n, calls = int(n), [0]
-        if what == "step":  # die after backward, before the n-th optimizer update
-            original_step = torch.optim.AdamW.step
-
-            def step(self, *args, **kwargs):
-                calls[0] += 1
-                if calls[0] == n:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return original_step(self, *args, **kwargs)
-
-            torch.optim.AdamW.step = step
-        else:  # die in the middle of writing a state folder (after its n-th torch.save)
-            original_save = torch.save
-
-            def save(*args, **kwargs):
-                original_save(*args, **kwargs)
-                calls[0] += 1
-                if calls[0] == n:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            torch.save = save
-    from nbkit.train.dreambooth import train_dreambooth
-    from nbkit.train.dreambooth_config import DreamBoothTrainConfig, folder_datasets
-
-    cfg = DreamBoothTrainConfig(**config)
-    train_dreambooth(cfg, folder_datasets(cfg), device="cpu")
-    """
-)
+cfg = DreamBoothTrainConfig(**PAYLOAD)
+train_dreambooth(cfg, folder_datasets(cfg), device="cpu")
+"""
 
 
 def _run(config: dict, kill: str = "") -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-c", CHILD, json.dumps([config, kill])]
-    return subprocess.run(args, env=env, capture_output=True, timeout=600).returncode
+    return run_killable(CHILD, config, kill)
 
 
 def test_kill_and_resume_gives_the_same_model(tiny_model_dirs, tmp_path):

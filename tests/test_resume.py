@@ -3,60 +3,27 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
+from kill_harness import run_killable
 from safetensors.torch import load_file
 
 from nbkit.demo import make_sample_dataset
 
-CHILD = textwrap.dedent(
-    """
-    import json, os, signal, sys
-    import torch
+CHILD = """
+from pathlib import Path
+from nbkit.train.config import LoRATrainConfig
+from nbkit.train.lora import train_lora
+from nbkit.train.run_file import resolve_datasets
 
-    config, datasets_raw, base, kill = json.loads(sys.argv[1])
-    if kill:
-        what, n = kill.split(":")
-        n, calls = int(n), [0]
-        if what == "step":  # die after backward, before the n-th optimizer update
-            original_step = torch.optim.AdamW.step
-
-            def step(self, *args, **kwargs):
-                calls[0] += 1
-                if calls[0] == n:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return original_step(self, *args, **kwargs)
-
-            torch.optim.AdamW.step = step
-        else:  # die in the middle of writing a state folder (after its n-th torch.save)
-            original_save = torch.save
-
-            def save(*args, **kwargs):
-                original_save(*args, **kwargs)
-                calls[0] += 1
-                if calls[0] == n:
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-            torch.save = save
-    from pathlib import Path
-    from nbkit.train.config import LoRATrainConfig
-    from nbkit.train.lora import train_lora
-    from nbkit.train.run_file import resolve_datasets
-
-    cfg = LoRATrainConfig(**config)
-    train_lora(cfg, resolve_datasets(cfg, datasets_raw, Path(base)), device="cpu")
-    """
-)
+config, datasets_raw, base = PAYLOAD
+cfg = LoRATrainConfig(**config)
+train_lora(cfg, resolve_datasets(cfg, datasets_raw, Path(base)), device="cpu")
+"""
 
 
 def _run(config: dict, datasets_raw: dict, base, kill: str = "") -> int:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [sys.executable, "-c", CHILD, json.dumps([config, datasets_raw, str(base), kill])]
-    return subprocess.run(args, env=env, capture_output=True, timeout=600).returncode
+    return run_killable(CHILD, [config, datasets_raw, str(base)], kill)
 
 
 def test_kill_and_resume_gives_the_same_lora(tiny_model_dirs, tmp_path):

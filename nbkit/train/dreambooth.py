@@ -42,18 +42,15 @@ from nbkit.train.lora_setup import (
     prepare_full_models,
 )
 from nbkit.train.noise import prepare_noise_scheduler
-from nbkit.train.sampling import generate_samples, load_sample_prompts, should_sample
+from nbkit.train.sampling import load_sample_prompts, preview_for_run, should_sample
 from nbkit.train.schedules import schedule_finished
 from nbkit.train.state import (
     Progress,
     load_state,
-    prune_states,
     resolve_resume,
     restore_python_rng,
-    rng_to_json,
-    state_dir_name,
+    save_run_state,
 )
-from nbkit.train.state import save_state as write_state
 
 
 @dataclass
@@ -128,21 +125,13 @@ def train_dreambooth(
                 saved.append(path)
                 hooks.on_save(path, step)
         if config.save_state and main:  # big for a full fine-tune (weights + optimizer), written atomically
-            progress.rng_state = rng_to_json(rng.getstate())
-            write_state(Path(config.output_dir) / state_dir_name(config.output_name, step), trainable, optimizer,
-                        lr_scheduler, accelerator.scaler, progress)
-            prune_states(config.output_dir, config.output_name, config.save_last_n_steps_state)
+            save_run_state(config, step, rng, trainable, optimizer, lr_scheduler, accelerator.scaler, progress)
         accelerator.wait_for_everyone()
 
     def sample(step: int, epoch: int | None) -> None:
         if prompts and main:
-            results = generate_samples(
-                pipeline, prompts, default_sampler=config.sample_sampler, step=step, epoch=epoch,
-                output_dir=config.output_dir, output_name=config.output_name, device=device,
-                autocast_dtype=weight_dtype if weight_dtype != torch.float32 else None,
-                default_size=datasets[0].resolution, base_seed=config.seed, clip_skip=config.clip_skip,
-            )
-            hooks.on_sample(step, [im for _, im, _ in results], [p.prompt for p, _, _ in results])
+            preview_for_run(pipeline, prompts, config, step=step, epoch=epoch, device=device,
+                            weight_dtype=weight_dtype, default_size=datasets[0].resolution, hooks=hooks)
         accelerator.wait_for_everyone()
 
     hooks.on_train_start(total_steps, {"images": len(items), "steps_per_epoch": steps_in_epoch})

@@ -46,7 +46,7 @@ from nbkit.train.hypernetwork_data import (
 from nbkit.train.lora import TrainingError, shard
 from nbkit.train.lora_setup import load_base, make_accelerator
 from nbkit.train.noise import prepare_noise_scheduler
-from nbkit.train.sampling import generate_samples, load_sample_prompts, should_sample
+from nbkit.train.sampling import load_sample_prompts, preview_for_run, should_sample
 from nbkit.train.schedules import A1111Schedule, a1111_schedule, is_a1111_schedule, schedule_finished
 
 
@@ -133,15 +133,10 @@ def train_hypernetwork(
         if prompts and main:
             hypernetwork.eval()  # dropout off, the strength is used: what A1111 shows
             try:
-                results = generate_samples(
-                    pipeline, prompts, default_sampler=config.sample_sampler, step=step, epoch=epoch,
-                    output_dir=config.output_dir, output_name=config.output_name, device=device,
-                    autocast_dtype=weight_dtype if weight_dtype != torch.float32 else None,
-                    default_size=datasets[0].resolution, base_seed=config.seed, clip_skip=config.clip_skip,
-                )
+                preview_for_run(pipeline, prompts, config, step=step, epoch=epoch, device=device,
+                                weight_dtype=weight_dtype, default_size=datasets[0].resolution, hooks=hooks)
             finally:
                 hypernetwork.train()
-            hooks.on_sample(step, [im for _, im, _ in results], [p.prompt for p, _, _ in results])
         accelerator.wait_for_everyone()
 
     hooks.on_train_start(total_steps - start_step, {"images": len(items), "steps_per_epoch": steps_in_epoch,

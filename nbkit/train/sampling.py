@@ -391,3 +391,15 @@ def generate_samples(
             path = save_png(image, sample_dir / name, parameters=_a1111_parameters(prompt, sampler, seed, size, step))
             results.append((prompt, image, path))
     return results
+
+
+def preview_for_run(pipeline, prompts, config, *, step: int, epoch: int | None, device, weight_dtype,
+                    default_size, hooks) -> None:
+    """A trainer's preview: ``generate_samples`` with the run's settings, then ``hooks.on_sample``."""
+    results = generate_samples(
+        pipeline, prompts, default_sampler=config.sample_sampler, step=step, epoch=epoch,
+        output_dir=config.output_dir, output_name=config.output_name, device=device,
+        autocast_dtype=weight_dtype if weight_dtype != torch.float32 else None,
+        default_size=default_size, base_seed=config.seed, clip_skip=config.clip_skip,
+    )
+    hooks.on_sample(step, [im for _, im, _ in results], [p.prompt for p, _, _ in results])

@@ -126,3 +126,14 @@ def prune_states(output_dir: str | Path, output_name: str, keep: int | None) -> 
 
 def restore_python_rng(rng: random.Random, state: list) -> None:
     rng.setstate(rng_from_json(state))
+
+
+def save_run_state(config, step: int, rng: random.Random, params, optimizer, lr_scheduler, scaler,
+                   progress: Progress) -> Path:
+    """Save this run's state as ``<output_name>-step<N>-state`` and keep the newest
+    ``save_last_n_steps_state`` (every trainer does it the same way)."""
+    progress.rng_state = rng_to_json(rng.getstate())
+    path = save_state(Path(config.output_dir) / state_dir_name(config.output_name, step), params, optimizer,
+                      lr_scheduler, scaler, progress)
+    prune_states(config.output_dir, config.output_name, config.save_last_n_steps_state)
+    return path

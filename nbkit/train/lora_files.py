@@ -8,6 +8,29 @@ from pathlib import Path
 from nbkit.data.train_data import dataset_dirs, tag_frequency
 from nbkit.train.common import save_dtype_for
 
+# LoraTrainingInfo fields that are kohya options of the same name in the training config
+_SAME_NAME_FIELDS = (
+    "network_dim",
+    "network_alpha",
+    "conv_dim",
+    "conv_alpha",
+    "max_train_steps",
+    "learning_rate",
+    "unet_lr",
+    "text_encoder_lr",
+    "lr_scheduler",
+    "lr_warmup_steps",
+    "gradient_accumulation_steps",
+    "clip_skip",
+    "noise_offset",
+    "min_snr_gamma",
+    "min_timestep",
+    "max_timestep",
+    "mixed_precision",
+    "seed",
+    "training_comment",
+)
+
 
 def save_lora_file(config, name, unet, text_encoder, info, items, datasets, step, epoch, started_at, accelerator, hooks,
           optimizer_name: str = "") -> Path:
@@ -19,38 +42,20 @@ def save_lora_file(config, name, unet, text_encoder, info, items, datasets, step
     text_encoder = accelerator.unwrap_model(text_encoder)
     state = export_kohya_state_dict(unet, text_encoder)  # every adapted model, trained or loaded
     metadata = build_metadata(LoraTrainingInfo(
+        **{key: getattr(config, key) for key in _SAME_NAME_FIELDS},
         arch=info.arch,
-        network_dim=config.network_dim,
-        network_alpha=config.network_alpha,
-        conv_dim=config.conv_dim,
-        conv_alpha=config.conv_alpha,
         output_name=name,
         steps=step,
         epoch=epoch,
-        max_train_steps=config.max_train_steps,
         num_epochs=config.max_train_epochs,
-        learning_rate=config.learning_rate,
-        unet_lr=config.unet_lr,
-        text_encoder_lr=config.text_encoder_lr,
-        lr_scheduler=config.lr_scheduler,
-        lr_warmup_steps=config.lr_warmup_steps,
         optimizer=optimizer_name,
         resolution=datasets[0].resolution,
         batch_size=datasets[0].batch_size,
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
         num_train_images=sum(i.repeats for i in items if not i.subset.is_reg),
         num_reg_images=sum(i.repeats for i in items if i.subset.is_reg),
         tag_frequency=tag_frequency(items),
         dataset_dirs=dataset_dirs(items),
-        clip_skip=config.clip_skip,
-        noise_offset=config.noise_offset,
-        min_snr_gamma=config.min_snr_gamma,
-        min_timestep=config.min_timestep,
-        max_timestep=config.max_timestep,
-        mixed_precision=config.mixed_precision,
-        seed=config.seed,
         sd_model_name=str(config.pretrained_model_name_or_path),
-        training_comment=config.training_comment,
         training_started_at=started_at,
         training_finished_at=time.time(),
     ))

@@ -73,15 +73,7 @@ def prepare_models(config, unet, text_encoder, vae, device, weight_dtype):
         unet.enable_gradient_checkpointing()
         if te_params:
             enable_te_checkpointing(text_encoder)
-    if config.xformers:
-        try:
-            unet.enable_xformers_memory_efficient_attention()
-        except Exception as err:  # diffusers raises ModuleNotFoundError/ValueError without a working xformers
-            raise ConfigError(f"xformers=true: {err}: pip install 'nbkit[xformers]', or use sdpa (as fast on a T4)") from None
-    elif config.sdpa:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        unet.set_attn_processor(AttnProcessor2_0())
+    set_attention(config, unet)
     return unet_params, te_params
 
 

@@ -1,0 +1,219 @@
+"""Forms generated from the config dataclasses: round trips, typed input, messages, presets, TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from nbkit.config import ConfigError, load_toml, save_toml
+from nbkit.presets import apply_preset, presets_for
+from nbkit.train.config import LoRATrainConfig
+from nbkit.train.dreambooth_config import DreamBoothTrainConfig
+from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
+from nbkit.train.run_file import load_run_config
+from nbkit.ui.fields import UNSET, describe_fields, parse_text
+from nbkit.ui.forms import CONFIG_CLASSES, METHODS, ConfigForm
+
+IDS = [c.__name__ for c in CONFIG_CLASSES]
+FLOATS = (3e-7, 1e-4, 0.1 + 0.2, 12345.678, 5e-324)  # repr must read back bit for bit
+TEXT_WITH_RULES = {"learning_rate": "5e-5:100, 5e-6:1500, 5e-7", "clip_grad_value": "0.05:200, 0.01",
+                   "layer_structure": "1, 1.5, 1.5, 1", "activation_func": "relu"}
+VALID = {  # several non-default values per class that pass the trainers' whole-config checks
+    LoRATrainConfig: dict(learning_rate=3e-7, unet_lr=1e-4, network_dim=32, network_alpha=0.5, v2=True,
+                          optimizer_args=["weight_decay=0.01", "betas=(0.9,0.99)"], max_token_length=150,
+                          noise_offset=0.0357, clip_skip=2, save_every_n_steps=None, lr_warmup_steps=0.05),
+    DreamBoothTrainConfig: dict(learning_rate=2e-6, learning_rate_te=1e-6, train_text_encoder=True,
+                                stop_text_encoder_training=100, num_class_images=50, class_prompt="photo of a dog",
+                                save_precision="bf16", save_model_as="diffusers"),
+    HypernetworkTrainConfig: dict(learning_rate="5e-5:100, 5e-6:1500", enable_sizes=[768, 320], clip_grad_mode="norm",
+                                  layer_structure="1, 2, 2, 1", activation_func="swish", normal_std=3e-7),
+}
+
+
+def _other(info, index: int):
+    """A value different from the field's default, of the field's type."""
+    if info.name in TEXT_WITH_RULES and info.kind == "str":
+        return TEXT_WITH_RULES[info.name]
+    if info.kind == "bool":
+        return not info.default
+    if info.kind == "optbool":
+        return True if info.default is None else None
+    if info.kind == "choice":
+        others = [c for c in (*info.choices, None) if c != info.default and (c is not None or info.optional)]
+        return others[0] if others else info.default  # a single allowed value
+    if info.kind == "list":
+        return ["weight_decay=0.01", "betas=(0.9, 0.99)", "a 'b'"] if info.item is str else [768, 320]
+    if info.kind == "int":
+        return (info.default or 0) + 3
+    if info.kind == "float":
+        return FLOATS[index % len(FLOATS)]
+    return f"value {index}, with spaces " if info.default is None or info.default else " x "
+
+
+def _mutated(cls):
+    return cls(**{info.name: _other(info, i) for i, info in enumerate(describe_fields(cls))})
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=IDS)
+def test_defaults_round_trip(cls):
+    assert ConfigForm(cls).config() == cls()
+    assert ConfigForm(cls()).config() == cls()
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=IDS)
+def test_every_field_changed_round_trips_exactly(cls):
+    config = _mutated(cls)
+    assert config != cls()
+    form = ConfigForm(config)
+    assert form.config(check=False) == config  # check=False: the values contradict each other on purpose
+    floats = [i.name for i in describe_fields(cls) if i.kind == "float" and getattr(config, i.name) is not None]
+    for name in floats:  # the text shown parses back to the very same float
+        assert float(form.controls[name].input.value) == getattr(config, name)
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=IDS)
+def test_valid_non_default_config_round_trips_with_checks(cls):
+    values = VALID.get(cls) or {i.name: _other(i, n) for n, i in list(enumerate(describe_fields(cls)))[:8]}
+    config = dataclasses.replace(cls(), **values)
+    assert ConfigForm(config).config() == config
+
+
+def _type_like_a_user(form, info, value) -> None:
+    """Set the widget the way a user would: pick a dropdown label, tick a box, type text."""
+    control = form.controls[info.name]
+    if info.kind == "bool":
+        control.input.value = value
+    elif info.kind in ("optbool", "choice"):
+        control.input.value = UNSET if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    elif info.kind == "float":
+        control.input.value = f"{value:.17e}" if value is not None else ""  # scientific notation
+    elif info.kind == "list" and info.item is not str:
+        control.input.value = " , ".join(map(str, value))
+    elif info.kind == "list":
+        control.input.value = " ".join(f'"{v}"' if " " in v else v for v in value)
+    else:
+        control.input.value = str(value)
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=IDS)
+def test_typed_widget_values_give_the_expected_config(cls):
+    expected = _mutated(cls)
+    form = ConfigForm(cls)
+    for info in describe_fields(cls):
+        _type_like_a_user(form, info, getattr(expected, info.name))
+    assert form.config(check=False) == expected
+
+
+def test_lora_form_reads_what_a_user_types():
+    form = ConfigForm(LoRATrainConfig)
+    typed = {"learning_rate": "1e-4", "unet_lr": "3E-7", "network_dim": "64", "save_every_n_steps": "1e3",
+             "clip_skip": "", "optimizer_args": "weight_decay=0.01 'betas=(0.9, 0.99)'", "max_train_epochs": " 10 "}
+    for name, text in typed.items():
+        form.controls[name].input.value = text
+    form.controls["mixed_precision"].input.value = "no"
+    form.controls["v2"].input.value = "false"
+    form.controls["cache_latents"].input.value = False
+    assert form.config() == dataclasses.replace(
+        LoRATrainConfig(), learning_rate=1e-4, unet_lr=3e-7, network_dim=64, save_every_n_steps=1000, clip_skip=None,
+        optimizer_args=["weight_decay=0.01", "betas=(0.9, 0.99)"], max_train_epochs=10, mixed_precision="no",
+        v2=False, cache_latents=False)
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=IDS)
+def test_invalid_values_show_a_message_next_to_the_field_and_block(cls):
+    infos = describe_fields(cls)
+    number = next(i for i in infos if i.kind == "int")
+    choice = next(i for i in infos if i.kind == "choice" and not i.optional)
+    form = ConfigForm(dataclasses.replace(cls(), **{choice.name: "not-a-choice"}))
+    form.controls[number.name].input.value = "abc"
+    with pytest.raises(ConfigError, match=number.name):
+        form.config()
+    assert set(form.errors) == {number.name, choice.name}
+    assert "whole number" in form.errors[number.name] and "is not one of" in form.errors[choice.name]
+    assert form.controls[number.name].message.layout.display is None  # shown under that field
+    assert number.name in form.message.value  # and listed above the Save button
+    form.controls[number.name].input.value = "7"
+    form.controls[choice.name].input.value = str(choice.default)
+    assert getattr(form.config(), number.name) == 7 and not form.errors
+
+
+@pytest.mark.parametrize(("cls", "values", "field"), [
+    (DreamBoothTrainConfig, {"stop_text_encoder_training": 5}, "stop_text_encoder_training"),  # TE not trained
+    (HypernetworkTrainConfig, {"layer_structure": "2, 1"}, "layer_structure"),
+    (HypernetworkTrainConfig, {"learning_rate": "fast"}, "learning_rate"),
+    (HypernetworkTrainConfig, {"clip_grad_mode": "norm", "max_grad_norm": 1.0}, "clip_grad_mode"),
+    (LoRATrainConfig, {"learning_rate": float("nan")}, "learning_rate"),
+])
+def test_trainer_checks_are_shown_at_the_field(cls, values, field):
+    form = ConfigForm(dataclasses.replace(cls(), **values))
+    with pytest.raises(ConfigError):
+        form.config()
+    assert list(form.errors) == [field]
+
+
+def test_warnings_are_notes_not_errors():
+    config = DreamBoothTrainConfig(network_module="networks.lora")  # a full fine-tuning rate for a LoRA
+    assert ConfigForm(config).config() == config
+    form = ConfigForm(config)
+    form.config()
+    assert "Note" in form.message.value and "learning_rate" in form.message.value
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=IDS)
+def test_presets_apply(cls):
+    method = METHODS.get(cls)
+    form = ConfigForm(cls)
+    assert [p.name for p in form.presets] == [p.name for p in presets_for(method)] if method else not form.presets
+    for preset in form.presets:
+        form = ConfigForm(cls)
+        form.preset_menu.value = preset.name
+        assert form.config() == apply_preset(cls(), preset.name)
+        assert preset.description[:20] in form.preset_help.value
+
+
+@pytest.mark.parametrize("cls", CONFIG_CLASSES, ids=IDS)
+def test_save_and_load_round_trip_through_toml(cls, tmp_path):
+    run = tmp_path / "run.toml"
+    datasets = {"datasets": [{"subsets": [{"image_dir": "dataset/10_sks dog", "num_repeats": 10}]}]}
+    save_toml(datasets, run)  # a project's run.toml with its dataset: Save must keep it
+    config = dataclasses.replace(cls(), **VALID.get(cls, {}))
+    form = ConfigForm(config, path=run)
+    form.save_button.click()
+    assert "saved" in form.status.value
+    assert load_toml(run)["datasets"] == datasets["datasets"]
+    assert load_run_config(run, cls)[0] == config
+    assert ConfigForm(cls, path=run).config() == config  # a new form starts from the file
+    other = ConfigForm(cls, path=run)
+    other.set_config(cls())
+    other.load_button.click()
+    assert "loaded" in other.status.value and other.config() == config
+
+
+def test_save_notes_unset_fields_that_toml_cannot_hold(tmp_path):
+    form = ConfigForm(DreamBoothTrainConfig(save_precision=None), path=tmp_path / "run.toml")
+    form.save()
+    assert "save_precision unset: the file leaves it out" in form.status.value
+
+
+def test_save_refuses_an_invalid_form(tmp_path):
+    form = ConfigForm(LoRATrainConfig, path=tmp_path / "run.toml")
+    form.controls["network_dim"].input.value = "sixteen"
+    form.save_button.click()
+    assert "network_dim" in form.status.value and not (tmp_path / "run.toml").exists()
+    with pytest.raises(ConfigError, match="network_dim"):
+        form.save()
+
+
+def test_text_parsing_rules():
+    info = {i.name: i for i in describe_fields(LoRATrainConfig)}
+    assert parse_text(info["network_dim"], "1e2") == 100
+    with pytest.raises(ValueError, match="whole number"):
+        parse_text(info["network_dim"], "1.5")
+    with pytest.raises(ValueError, match="finite"):
+        parse_text(info["learning_rate"], "inf")
+    with pytest.raises(ValueError, match="required"):
+        parse_text(info["learning_rate"], " ")
+    with pytest.raises(ValueError, match="quot"):
+        parse_text(info["optimizer_args"], "a='b")
+    assert parse_text(info["clip_skip"], "") is None and parse_text(info["output_name"], "") == ""

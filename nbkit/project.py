@@ -20,8 +20,10 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._ -]{0,99}$")
 def default_root() -> Path:
     if os.environ.get("NBKIT_HOME"):
         return Path(os.environ["NBKIT_HOME"]).expanduser()
-    if DRIVE_ROOT.is_dir():
-        return DRIVE_ROOT / "nbkit"
+    from nbkit.colab import drive_mounted, drive_mydrive
+
+    if drive_mounted():  # DRIVE_ROOT, or the folder $NBKIT_MYDRIVE names
+        return drive_mydrive() / "nbkit"
     return Path.cwd() / "nbkit-projects"
 
 

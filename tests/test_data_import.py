@@ -7,15 +7,14 @@ source leaves nothing behind.
 from __future__ import annotations
 
 import hashlib
-import http.server
 import io
 import os
 import stat
-import threading
 import zipfile
 from pathlib import Path
 
 import pytest
+from http_server import serve_files
 from PIL import Image
 
 from nbkit.cli import main
@@ -221,38 +220,10 @@ def test_not_a_zip_and_missing_source(tmp_path):
     assert classify_source("https://example.org/a.zip") == ("url", "https://example.org/a.zip")
 
 
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        self.server.seen.append((self.path, self.headers.get("Range")))
-        data = self.server.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-        self.send_response(206 if start else 200)
-        if start:
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        self.send_header("Content-Type", "text/html" if self.path.endswith(".html") else "application/zip")
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
 def http_server():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    server.files, server.seen = {}, []
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve_files() as served:
+        yield served
 
 
 def test_url_import_resumes_a_partial_download(tmp_path, http_server):
@@ -265,12 +236,12 @@ def test_url_import_resumes_a_partial_download(tmp_path, http_server):
     part.parent.mkdir(parents=True)
     part.write_bytes(data[: len(data) // 2])
     result = import_dataset([url], "p", root=tmp_path / "projects", cache_dir=cache, timeout=5, progress=False)
-    assert server.seen == [("/files/dogs.zip", f"bytes={len(data) // 2}-")]
+    assert server.requests == [("/files/dogs.zip", f"bytes={len(data) // 2}-")]
     assert result.sources[0].kind == "url" and result.sources[0].target.name == "dogs"
     assert len(list((result.sources[0].target / "10_sks dog").glob("*.png"))) == 8
     again = import_dataset([url], "p", root=tmp_path / "projects", cache_dir=cache, timeout=5, replace=True,
                            progress=False)
-    assert len(server.seen) == 1 and again.sources[0].files == 8  # the finished download is reused
+    assert len(server.requests) == 1 and again.sources[0].files == 8  # the finished download is reused
 
     server.files["/login.html"] = b"<!doctype html><html>sign in</html>"
     with pytest.raises(DatasetError, match=r"login\.html: the server sent a web page, not a zip"):

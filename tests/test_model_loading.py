@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
 import inspect
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
 import torch
+from http_server import serve_files
 
 from nbkit.formats.ldm_checkpoint import CONFIG_METADATA_KEY, read_single_file
 from nbkit.models import load_pipeline
@@ -165,37 +164,10 @@ def test_repo_id_from_offline_hf_cache(tmp_path, tiny_model_dirs):
 # ----------------------------------------------------------------------------- URL, local http server
 
 
-class _RangeHandler(http.server.BaseHTTPRequestHandler):
-    """Serves ``server.files`` with HTTP Range support; records each request's Range header."""
-
-    def do_GET(self):
-        data = self.server.files.get(self.path)
-        self.server.requests.append((self.path, self.headers.get("Range")))
-        if data is None:
-            self.send_error(404)
-            return
-        start = int(self.headers["Range"].split("=")[1].split("-")[0]) if self.headers.get("Range") else 0
-        self.send_response(206 if start else 200)
-        self.send_header("Content-Length", str(len(data) - start))
-        self.end_headers()
-        self.wfile.write(data[start:])
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture()
 def http_files():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
-    server.files, server.requests = {}, []
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    with serve_files() as served:
+        yield served
 
 
 def test_url_download_resume_and_cache(tmp_path, tiny_model_dirs, http_files):

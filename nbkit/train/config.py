@@ -61,6 +61,10 @@ class TrainConfig:
         default=None, metadata=help_("Also save the state (not a LoRA file) every N steps: cheap insurance on Colab.")
     )
     save_last_n_steps_state: int | None = field(default=2, metadata=help_("Keep only the newest N states.", "advanced"))
+    output_state_dir: str | None = field(
+        default=None, metadata=help_("Folder for the *-state folders (default: output_dir); a Drive project's state/ "
+                                     "folder survives a runtime reset.", "advanced"),
+    )
     resume: str | None = field(
         default=None, metadata=help_("Resume from a *-state folder, or 'latest' (newest state of this output_name).")
     )

@@ -50,6 +50,7 @@ from nbkit.train.state import (
     resolve_resume,
     restore_python_rng,
     save_run_state,
+    state_dir,
 )
 
 
@@ -277,7 +278,7 @@ def _fingerprint(config: DreamBoothTrainConfig, total_steps: int) -> str:
 def _resume(config, total_steps: int, trainable, optimizer, lr_scheduler, accelerator, rng) -> Progress:
     """A fresh start, or the state named by ``resume`` restored into the live objects."""
     fingerprint = _fingerprint(config, total_steps)
-    path = resolve_resume(config.resume, config.output_dir, config.output_name)
+    path = resolve_resume(config.resume, state_dir(config), config.output_name)
     if path is None:
         return Progress(run_fingerprint=fingerprint)
     progress = load_state(path, trainable, optimizer, lr_scheduler, accelerator.scaler)

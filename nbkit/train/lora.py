@@ -52,6 +52,7 @@ from nbkit.train.state import (
     restore_python_rng,
     rng_to_json,
     save_run_state,
+    state_dir,
 )
 
 
@@ -113,7 +114,7 @@ def train_lora(
 
     # ---- resume: weights, optimizer, schedule, RNGs and the position in the epoch
     progress = Progress(run_fingerprint=_fingerprint(config, total_steps))
-    state_path = resolve_resume(config.resume, config.output_dir, config.output_name)
+    state_path = resolve_resume(config.resume, state_dir(config), config.output_name)
     if state_path:
         progress = _resume(state_path, progress.run_fingerprint, trainable, optimizer, lr_scheduler, accelerator, rng)
 

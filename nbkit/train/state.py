@@ -48,6 +48,12 @@ def state_dir_name(output_name: str, step: int) -> str:
     return f"{output_name}-step{step:08d}-state"
 
 
+def state_dir(config) -> Path:
+    """Where a run's ``*-state`` folders go: ``output_state_dir`` (a Drive project's ``state/``, which
+    survives a runtime reset), else ``output_dir``."""
+    return Path(getattr(config, "output_state_dir", None) or config.output_dir)
+
+
 def list_states(output_dir: str | Path, output_name: str) -> list[Path]:
     """Complete state folders of a run, oldest first (temporary folders are ignored)."""
     folder = Path(output_dir)
@@ -133,7 +139,8 @@ def save_run_state(config, step: int, rng: random.Random, params, optimizer, lr_
     """Save this run's state as ``<output_name>-step<N>-state`` and keep the newest
     ``save_last_n_steps_state`` (every trainer does it the same way)."""
     progress.rng_state = rng_to_json(rng.getstate())
-    path = save_state(Path(config.output_dir) / state_dir_name(config.output_name, step), params, optimizer,
-                      lr_scheduler, scaler, progress)
-    prune_states(config.output_dir, config.output_name, config.save_last_n_steps_state)
+    folder = state_dir(config)
+    path = save_state(folder / state_dir_name(config.output_name, step), params, optimizer, lr_scheduler, scaler,
+                      progress)
+    prune_states(folder, config.output_name, config.save_last_n_steps_state)
     return path

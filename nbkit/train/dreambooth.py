@@ -29,7 +29,7 @@ from nbkit.train.class_images import check_dreambooth_data, prepare_class_images
 from nbkit.train.common import diffusion_loss, encode_captions, validation_loss, weight_dtype_for
 from nbkit.train.dreambooth_config import DreamBoothTrainConfig, check_options, lora_config
 from nbkit.train.dreambooth_save import EMAWeights, output_paths, remove_output, save_dreambooth
-from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
+from nbkit.train.hooks import TrainHooks
 from nbkit.train.lora import TrainingError, epoch_order
 from nbkit.train.lora_setup import (
     cache_latents,
@@ -40,6 +40,7 @@ from nbkit.train.lora_setup import (
     make_accelerator,
     optimizer_and_schedule,
     prepare_full_models,
+    start_run,
 )
 from nbkit.train.noise import prepare_noise_scheduler
 from nbkit.train.sampling import load_sample_prompts, preview_for_run, should_sample
@@ -78,7 +79,6 @@ def train_dreambooth(
     device: str | torch.device | None = None,
 ) -> DreamBoothResult:
     """Fine-tune all U-Net weights on DreamBooth data (or a LoRA with ``network_module``)."""
-    from accelerate.utils import set_seed
 
     # ---- checks that need no model: a missing instance token must not wait for a 4 GB load
     check_options(config)
@@ -87,13 +87,10 @@ def train_dreambooth(
         return _train_lora(config, datasets, hooks, pipeline, model_info, device)
 
     # ---- setup: devices and precision; every trainable weight stays fp32 (master weights)
-    accelerator, mixed_precision = make_accelerator(config, device)
-    device, main = accelerator.device, accelerator.is_main_process
-    set_seed(config.seed)
+    run = start_run(config, hooks, device)
+    accelerator, device, main, hooks, recorder = run.accelerator, run.device, run.main, run.hooks, run.recorder
+    weight_dtype = run.weight_dtype
     rng = random.Random(config.seed)
-    recorder = LossRecorder(Path(config.output_dir) / "logs" / f"{config.output_name}_loss.csv" if main else None)
-    hooks = HookList([recorder, hooks])
-    weight_dtype = weight_dtype_for(mixed_precision)
     pipeline, info = _load(config, pipeline, model_info, weight_dtype, device)
     datasets = prepare_class_images(config, datasets, pipeline, device, main, accelerator.wait_for_everyone)
     unet, text_encoder, vae, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.vae, pipeline.tokenizer

@@ -32,9 +32,8 @@ from nbkit.train.common import (
     make_lr_scheduler,
     make_optimizer,
     validation_loss,
-    weight_dtype_for,
 )
-from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
+from nbkit.train.hooks import TrainHooks
 from nbkit.train.hypernetwork_config import HypernetworkTrainConfig, check_hypernetwork_config
 from nbkit.train.hypernetwork_data import (
     CaptionEncoder,
@@ -44,7 +43,7 @@ from nbkit.train.hypernetwork_data import (
     load_template,
 )
 from nbkit.train.lora import TrainingError, shard
-from nbkit.train.lora_setup import load_base, make_accelerator
+from nbkit.train.lora_setup import load_base, start_run
 from nbkit.train.noise import prepare_noise_scheduler
 from nbkit.train.sampling import load_sample_prompts, preview_for_run, should_sample
 from nbkit.train.schedules import A1111Schedule, a1111_schedule, is_a1111_schedule, schedule_finished
@@ -76,13 +75,10 @@ def train_hypernetwork(
 
     # ---- setup: devices and precision. The base may be fp16; the hypernetwork stays fp32.
     check_hypernetwork_config(config)
-    accelerator, mixed_precision = make_accelerator(config, device)
-    device, main = accelerator.device, accelerator.is_main_process
-    set_seed(config.seed)
+    run = start_run(config, hooks, device)
+    accelerator, device, main, hooks, recorder = run.accelerator, run.device, run.main, run.hooks, run.recorder
+    weight_dtype = run.weight_dtype
     out_dir = Path(config.output_dir)
-    recorder = LossRecorder(out_dir / "logs" / f"{config.output_name}_loss.csv" if main else None)
-    hooks = HookList([recorder, hooks])
-    weight_dtype = weight_dtype_for(mixed_precision)
 
     # ---- model: the base is frozen; the hypernetwork is created (or loaded) and applied
     pipeline, info = load_base(config, pipeline, model_info, weight_dtype, device)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,18 +27,17 @@ from nbkit.train.common import (
     diffusion_loss,
     encode_captions,
     validation_loss,
-    weight_dtype_for,
 )
 from nbkit.train.config import LoRATrainConfig
-from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
+from nbkit.train.hooks import TrainHooks
 from nbkit.train.lora_files import save_lora_file
 from nbkit.train.lora_setup import (
     cache_latents,
     cache_text,
     load_base,
-    make_accelerator,
     optimizer_and_schedule,
     prepare_models,
+    start_run,
 )
 from nbkit.train.noise import prepare_noise_scheduler
 from nbkit.train.optimizers import describe_optimizer
@@ -75,18 +73,10 @@ def train_lora(
     device: str | torch.device | None = None,
 ) -> TrainResult:
     """Train a LoRA; ``pipeline`` + ``model_info`` (from ``load_pipeline``) reuse a loaded base model."""
-    from accelerate.utils import set_seed
-
     # ---- setup: devices and precision. Frozen weights may be fp16; trainable ones stay fp32.
-    accelerator, mixed_precision = make_accelerator(config, device)
-    device = accelerator.device
-    set_seed(config.seed)
+    run = start_run(config, hooks, device)
+    accelerator, device, hooks, recorder, weight_dtype = run.accelerator, run.device, run.hooks, run.recorder, run.weight_dtype
     rng = random.Random(config.seed)
-    recorder = LossRecorder(Path(config.output_dir) / "logs" / f"{config.output_name}_loss.csv"
-                            if accelerator.is_main_process else None)
-    hooks = HookList([recorder, hooks])
-    started_at = time.time()
-    weight_dtype = weight_dtype_for(mixed_precision)
 
     # ---- model: load, freeze, inject LoRA with fp32 weights
     pipeline, info = load_base(config, pipeline, model_info, weight_dtype, device)
@@ -121,7 +111,7 @@ def train_lora(
     def save(name: str | None, step: int) -> None:
         if name and accelerator.is_main_process:
             saved.append(save_lora_file(config, name, unet, text_encoder, info, items, datasets, step, progress.epoch,
-                               started_at, accelerator, hooks, describe_optimizer(optimizer)))
+                               run.started_at, accelerator, hooks, describe_optimizer(optimizer)))
         if config.save_state and accelerator.is_main_process:
             save_run_state(config, step, rng, trainable, optimizer, lr_scheduler, accelerator.scaler, progress)
         accelerator.wait_for_everyone()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +20,9 @@ from nbkit.train.common import (
     make_lr_scheduler,
     make_optimizer,
     resolve_mixed_precision,
+    weight_dtype_for,
 )
+from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
 
 
 def load_base(config, pipeline, model_info, weight_dtype, device):
@@ -112,6 +117,33 @@ def make_accelerator(config, device):
         values = {k: v for k, v in to_dict(config).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(config.output_name, config=values)
     return accelerator, mixed_precision
+
+
+@dataclass
+class RunStart:
+    """What every trainer sets up first (see ``start_run``)."""
+
+    accelerator: Any
+    device: torch.device
+    main: bool  # the main process: the only one that writes files
+    weight_dtype: torch.dtype  # dtype of the frozen weights
+    hooks: HookList  # the caller's hooks plus ``recorder``
+    recorder: LossRecorder
+    started_at: float
+
+
+def start_run(config, hooks: TrainHooks | None, device) -> RunStart:
+    """The Accelerator (devices, precision, trackers), the global seed, and the caller's hooks joined
+    by a loss recorder whose CSV goes to the logging folder (main process only)."""
+    from accelerate.utils import set_seed
+
+    accelerator, mixed_precision = make_accelerator(config, device)
+    set_seed(config.seed)
+    main = accelerator.is_main_process
+    logs = Path(config.logging_dir or Path(config.output_dir) / "logs")
+    recorder = LossRecorder(logs / f"{config.output_name}_loss.csv" if main else None)
+    return RunStart(accelerator, accelerator.device, main, weight_dtype_for(mixed_precision),
+                    HookList([recorder, hooks]), recorder, time.time())
 
 
 def optimizer_and_schedule(config, unet_params, te_params, total_steps: int, world: int):

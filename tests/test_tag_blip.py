@@ -8,9 +8,9 @@ from PIL import Image
 
 from nbkit.tag.blip import caption_images, load_blip, strip_prompt, with_prefix
 from nbkit.tag.config import BlipCaptionConfig
+from nbkit.tag.tiny import BLIP_WORDS as WORDS
+from nbkit.tag.tiny import make_tiny_blip
 
-SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"]
-WORDS = ["a", "picture", "of"] + [f"w{i}" for i in range(60)]  # many plain words: few special tokens drawn
 PROMPT_TOKENS = 4  # [DEC] a picture of
 
 
@@ -26,31 +26,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_blip(tmp_path_factory):
     """A random BLIP + processor (BERT WordPiece tokenizer, PIL image processor) saved like a Hub repo."""
-    from transformers import (
-        BertTokenizerFast,
-        BlipConfig,
-        BlipForConditionalGeneration,
-        BlipImageProcessor,
-        BlipProcessor,
-    )
-
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
-    tokenizer = BertTokenizerFast(vocab=vocab, bos_token="[DEC]", model_max_length=512)
-    ids = {"bos_token_id": vocab["[DEC]"], "sep_token_id": vocab["[SEP]"], "pad_token_id": vocab["[PAD]"],
-           "eos_token_id": vocab["[SEP]"]}
-    config = BlipConfig(
-        text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-                     "num_attention_heads": 2, "max_position_embeddings": 128, "encoder_hidden_size": 32, **ids},
-        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
-                       "image_size": 32, "patch_size": 8},
-        projection_dim=32,
-    )
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny-blip")
-    BlipForConditionalGeneration(config).save_pretrained(folder)
-    BlipProcessor(image_processor=BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer
-                  ).save_pretrained(folder)
-    return folder
+    return make_tiny_blip(tmp_path_factory.mktemp("tiny-blip"))
 
 
 def images(folder, n=3):

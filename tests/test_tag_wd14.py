@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import csv
 import shutil
-import warnings
 from dataclasses import replace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from nbkit.tag.backup import list_backups, undo
 from nbkit.tag.config import WD14Config
 from nbkit.tag.files import CaptionError
+from nbkit.tag.tiny import SIZE, TAGS, write_model
 from nbkit.tag.wd14 import WD14Tagger, tag_images, tagger_files
 from nbkit.tag.wd14_image import area_resize, load_tagger_image
 from nbkit.tag.wd14_labels import (
@@ -25,48 +23,6 @@ from nbkit.tag.wd14_labels import (
     rename_labels,
     select_tags,
 )
-
-# name, category, probability of the tiny model (white_background depends on the image)
-TAGS = [
-    ("general", 9, 0.10), ("sensitive", 9, 0.70), ("questionable", 9, 0.15), ("explicit", 9, 0.05),
-    ("1girl", 0, 0.95), ("solo", 0, 0.80), ("long_hair", 0, 0.50), ("^_^", 0, 0.60),
-    ("star_(symbol)", 0, 0.45), ("blue_eyes", 0, 0.36), ("red_eyes", 0, 0.34), ("simple_background", 0, 0.20),
-    ("white_background", 0, 0.50),
-    ("hatsune_miku", 4, 0.90), ("kagamine_rin_(vocaloid)", 4, 0.50), ("megurine_luka", 4, 0.30),
-]
-WHITE_BG = 12
-SIZE = 16  # the tiny model's input size (real models: 448)
-
-
-class TinyTagger(torch.nn.Module):
-    """Fixed probabilities, except white_background, which follows the mean brightness."""
-
-    def __init__(self):
-        super().__init__()
-        p = torch.tensor([t[2] for t in TAGS], dtype=torch.float64)
-        self.register_buffer("logits", torch.log(p / (1 - p)).float())
-        weight = torch.zeros(len(TAGS))
-        weight[WHITE_BG] = 12.0
-        self.register_buffer("weight", weight)
-
-    def forward(self, x):  # x: [batch, S, S, 3] BGR float 0-255
-        brightness = x.mean(dim=(1, 2, 3)).unsqueeze(1) / 255.0 - 0.5
-        return torch.sigmoid(self.logits + self.weight * brightness)
-
-
-def write_model(folder, input_name="input_1:0", output_name="predictions_sigmoid", fixed_batch=None):
-    """A model folder like a WD14 repo: model.onnx + selected_tags.csv (tag_id,name,category,count)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    dynamic = None if fixed_batch else {input_name: {0: "batch"}, output_name: {0: "batch"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter is "legacy" but fine here
-        torch.onnx.export(TinyTagger().eval(), torch.zeros(fixed_batch or 1, SIZE, SIZE, 3), str(folder / "model.onnx"),
-                          input_names=[input_name], output_names=[output_name], dynamic_axes=dynamic, dynamo=False)
-    with open(folder / "selected_tags.csv", "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["tag_id", "name", "category", "count"])
-        writer.writerows([i, name, cat, 1000 - i] for i, (name, cat, _) in enumerate(TAGS))
-    return folder
 
 
 @pytest.fixture(scope="module")

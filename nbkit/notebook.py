@@ -1,0 +1,439 @@
+"""What every notebook's first cell calls: the project folder, and demo mode.
+
+    from nbkit.notebook import open_project
+    session = open_project("my-lora", step="train")
+
+The project folder (on Drive when mounted) is the notebooks' only shared state: each notebook
+reads what earlier ones wrote there (dataset, ``dataset.toml``, ``run-<method>.toml``, outputs),
+never kernel variables, so any notebook runs again after a Colab runtime reset.
+
+``NBKIT_DEMO=1`` switches every notebook to a demo: the project lives under ``$NBKIT_HOME/_demo`` (else
+``<tempdir>/nbkit-demo-projects``, one folder that notebooks in separate kernels share), the base
+model is nbkit's tiny seeded model, the dataset is a drawn sample, runs are a few steps and
+taggers are tiny ones built from code. Whatever a notebook needs from earlier steps is made
+first (idempotently), so each one also runs on its own. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from nbkit.project import Project
+
+DEMO_ENV = "NBKIT_DEMO"
+METHODS = ("lora", "dreambooth", "hypernetwork")
+STEPS = ("setup", "dataset", "tag", "configure", "train", "merge", "export")
+DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+T4_PRESETS = {"lora": "T4 LoRA", "dreambooth": "T4 DreamBooth", "hypernetwork": "T4 hypernetwork"}
+DEMO_PRESET = "CPU demo"
+SAMPLE_EVERY = 200  # steps between preview images on a real run
+SAVE_EVERY = 250  # steps between saved files (each with its resumable state)
+OUTPUT_SUFFIX = {"lora": ".safetensors", "dreambooth": ".safetensors", "hypernetwork": ".pt"}
+DEMO_FOLDER = "_nbkit_demo"  # next to the demo projects; not a valid project name, so never one
+DEMO_PROMPTS = ("sks, a red circle on a white background --w 64 --h 64 --s 4 --d 1",
+                "sks, a blue square on a black background --w 64 --h 64 --s 4 --d 2")
+# Short runs on the tiny model: a few seconds each on a CPU, samples shown live by the monitor.
+DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
+    "lora": {"max_train_steps": 12, "sample_every_n_steps": 6, "save_every_n_steps": 6},
+    "dreambooth": {"max_train_steps": 8, "sample_every_n_steps": 4, "learning_rate": 1e-4, "num_class_images": 4,
+                   "class_image_steps": 3, "class_image_batch_size": 4, "save_precision": "fp16"},
+    "hypernetwork": {"max_train_steps": 8, "sample_every_n_steps": 4, "save_every_n_steps": 4, "learning_rate": "0.0005",
+                     "gradient_checkpointing": False},
+}
+
+
+def demo_mode() -> bool:
+    """True when ``NBKIT_DEMO`` is set to anything but empty, 0, false or no."""
+    return os.environ.get(DEMO_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def demo_root() -> Path:
+    """``$NBKIT_HOME/_demo`` if ``NBKIT_HOME`` is set, else ``<tempdir>/nbkit-demo-projects``: stable
+    across kernels, and never a real project's folder (no project name starts with ``_``)."""
+    home = os.environ.get("NBKIT_HOME")
+    return Path(home).expanduser() / "_demo" if home else Path(tempfile.gettempdir()) / "nbkit-demo-projects"
+
+
+def config_class(method: str):
+    """The config dataclass of a training method."""
+    if method == "lora":
+        from nbkit.train.config import LoRATrainConfig
+        return LoRATrainConfig
+    if method == "dreambooth":
+        from nbkit.train.dreambooth_config import DreamBoothTrainConfig
+        return DreamBoothTrainConfig
+    if method == "hypernetwork":
+        from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
+        return HypernetworkTrainConfig
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+def trainer(method: str):
+    """The training function of a method (``train_lora``, ``train_dreambooth``, ``train_hypernetwork``)."""
+    config_class(method)  # checks the name
+    if method == "lora":
+        from nbkit.train.lora import train_lora
+        return train_lora
+    if method == "dreambooth":
+        from nbkit.train.dreambooth import train_dreambooth
+        return train_dreambooth
+    from nbkit.train.hypernetwork import train_hypernetwork
+    return train_hypernetwork
+
+
+# ---------------------------------------------------------------------------- demo material
+def draw_demo_dataset(folder: Path, size: int = 64) -> Path:
+    """12 captioned shapes (3 shapes x 4 colours) of varied size and place, so no two look alike to
+    the duplicate finder, plus one re-saved JPEG copy that it should find."""
+    from PIL import Image, ImageDraw
+
+    from nbkit.demo import BACKGROUNDS, COLORS, SHAPES, TRIGGER
+
+    folder.mkdir(parents=True, exist_ok=True)
+    backgrounds = list(BACKGROUNDS.items())
+    combos = [(shape, color) for shape in SHAPES for color in COLORS]
+    for index, (shape, color) in enumerate(combos):
+        bg_name, bg = backgrounds[index % len(backgrounds)]
+        side = size * (22 + (index * 7) % 24) // 64
+        x, y = (index * 13) % (size - side), (index * 29) % (size - side)
+        image = Image.new("RGB", (size, size), bg)
+        draw = ImageDraw.Draw(image)
+        if shape == "circle":
+            draw.ellipse((x, y, x + side, y + side), fill=COLORS[color])
+        elif shape == "square":
+            draw.rectangle((x, y, x + side, y + side), fill=COLORS[color])
+        else:
+            draw.polygon([(x + side // 2, y), (x + side, y + side), (x, y + side)], fill=COLORS[color])
+        stem = f"{index:02d}_{color}_{shape}"
+        image.save(folder / f"{stem}.png")
+        (folder / f"{stem}.txt").write_text(f"{TRIGGER}, a {color} {shape} on a {bg_name} background\n", encoding="utf-8")
+        if index == 0:  # a re-saved copy, for the duplicate finder to find
+            image.save(folder / "12_red_circle_copy.jpg", quality=90)
+            (folder / "12_red_circle_copy.txt").write_text((folder / f"{stem}.txt").read_text(), encoding="utf-8")
+    return folder
+
+
+def ensure_demo_material(root: Path) -> dict[str, Path]:
+    """The tiny base model (a diffusers folder), a drawn sample dataset with one
+    near-duplicate, and the tiny WD14/BLIP taggers, under ``root/_nbkit_demo``; built once."""
+    base = root / DEMO_FOLDER
+    paths = {"model": base / "tiny-sd15", "samples": base / "samples" / "10_sks shapes", "wd14": base / "wd14-tiny", "blip": base / "blip-tiny"}
+    if not (paths["model"] / "model_index.json").is_file():
+        from nbkit.models.tiny import make_tiny_model
+
+        make_tiny_model(paths["model"], arch="sd15", seed=0)
+    if not (paths["samples"] / "11_yellow_triangle.txt").is_file():  # the last file written
+        draw_demo_dataset(paths["samples"])
+    if not (paths["wd14"] / "selected_tags.csv").is_file() and importlib.util.find_spec("onnx") is not None:
+        from nbkit.io import atomic_dir
+        from nbkit.tag.tiny import write_demo_tagger
+
+        with atomic_dir(paths["wd14"]) as tmp:
+            write_demo_tagger(tmp)
+    if not (paths["blip"] / "config.json").is_file():
+        from nbkit.io import atomic_dir
+        from nbkit.tag.tiny import make_tiny_blip
+
+        with atomic_dir(paths["blip"]) as tmp:
+            make_tiny_blip(tmp)
+    return paths
+
+
+# ---------------------------------------------------------------------------- the session
+@dataclass
+class NotebookProject:
+    """A project folder plus what the notebooks need around it (demo mode, run files, outputs).
+
+    Attribute access falls through to :class:`~nbkit.project.Project`: ``session.dataset_dir``,
+    ``session.output_dir``, ``session.dataset_toml``, ``session.path``, ...
+    """
+
+    project: Project
+    demo: bool = False
+    demo_paths: dict[str, Path] | None = None
+
+    def __getattr__(self, item: str):
+        if item in ("project", "demo", "demo_paths"):  # not set yet (copy/pickle): no recursion
+            raise AttributeError(item)
+        return getattr(self.project, item)
+
+    def __repr__(self) -> str:
+        mode = "demo, " if self.demo else ""
+        return f"<project {self.project.name} ({mode}{self.project.path})>"
+
+    # ---------------------------------------------------------------- inputs
+    def source(self, real: str) -> str:
+        """The dataset source to import: ``real``, or the drawn sample in demo mode."""
+        return str(self.demo_paths["samples"]) if self.demo else real
+
+    def tagger(self, kind: str, real: str) -> dict[str, str]:
+        """Options selecting a tagger model: ``real`` (a Hub id), or the tiny one in demo mode."""
+        if kind not in ("wd14", "blip"):
+            raise ValueError("kind is 'wd14' or 'blip'")
+        if self.demo:
+            local = str(self.demo_paths[kind])
+            if kind == "wd14" and not (self.demo_paths[kind] / "model.onnx").is_file():
+                raise FileNotFoundError("demo mode: the tiny WD14 tagger is exported with the onnx package, which is "
+                                        "not installed: run `%pip install onnx`, then this cell again")
+            return {"model_dir": local} if kind == "wd14" else {"model_id": local, "max_length": 12}
+        return {"repo_id": real} if kind == "wd14" else {"model_id": real}
+
+    @property
+    def base_model(self) -> str:
+        """The base model of new configs: the tiny model in demo mode, else SD1.5 from the Hub."""
+        return str(self.demo_paths["model"]) if self.demo else DEFAULT_BASE_MODEL
+
+    def base_model_path(self, method: str = "lora") -> Path:
+        """The base model a method's run trains on, as a local file or folder (merges need one):
+        a Hub id is downloaded once into the Hugging Face cache."""
+        from nbkit.models.load import resolve
+
+        return resolve(self.config(method).pretrained_model_name_or_path)[1]
+
+    def export_folder(self, real: str | Path) -> Path:
+        """Where exports go: ``real``, or a stand-in folder for Drive in demo mode."""
+        if self.demo:
+            return self.project.root / DEMO_FOLDER / "drive-standin" / Path(real).name
+        return Path(real).expanduser()
+
+    def upload_plan(self, method: str, repo_id: str = "", private: bool = True, trigger: str | None = None):
+        """What publishing ``method``'s final file to ``repo_id`` would upload (model card included);
+        nothing is sent. Without a repo id the plan uses ``your-name/<file name>``."""
+        from nbkit.export.plan import build_plan
+
+        model = self.latest(method)
+        configs = [p for p in (self.run_file(method), self.project.dataset_toml) if p.is_file()]
+        name = self.config(method).output_name  # this run's newest previews (their files start with its name)
+        folders = [self.project.output_dir / "sample", self.project.samples_dir]
+        found = [p for folder in folders if folder.is_dir() for p in folder.glob(f"{name}_*.png")]
+        samples = sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)[:4]
+        return build_plan(repo_id or f"your-name/{model.stem}", [model], samples=samples, configs=configs,
+                          dataset=self.project.dataset_dir, private=private, trigger=trigger)
+
+    @property
+    def sample_prompts(self) -> Path:
+        """``<project>/sample_prompts.txt``: the preview prompts (kohya's format) every run uses."""
+        return self.project.path / "sample_prompts.txt"
+
+    def write_sample_prompts(self, prompts: list[str] | tuple[str, ...], overwrite: bool = True) -> Path:
+        """Write the preview prompts, one per line (options like ``--w 512 --s 20`` allowed). In demo
+        mode the demo's 64 px prompts are written instead (real sizes would take minutes on a CPU)."""
+        from nbkit.io import atomic_write_text
+        from nbkit.train.sample_prompts import load_sample_prompts
+
+        if self.demo and tuple(prompts) != DEMO_PROMPTS:
+            print("demo mode: the 64 px demo prompts are written instead")
+            prompts = DEMO_PROMPTS
+        if overwrite or not self.sample_prompts.is_file():
+            atomic_write_text(self.sample_prompts, "\n".join(prompts) + "\n")
+        load_sample_prompts(self.sample_prompts)  # a wrong option fails here, not mid-run
+        return self.sample_prompts
+
+    # ---------------------------------------------------------------- run files
+    def run_file(self, method: str) -> Path:
+        """``<project>/run-<method>.toml``: the saved settings of one training method."""
+        config_class(method)
+        return self.project.run_file(method)
+
+    def new_config(self, method: str, preset: str | None = None):
+        """Fresh settings for ``method``: a preset (T4, or the CPU demo), the project's paths."""
+        from nbkit.export.drive import use_project
+        from nbkit.presets import apply_preset
+
+        cls = config_class(method)
+        config = apply_preset(cls(), preset or (DEMO_PRESET if self.demo else T4_PRESETS[method]))
+        values: dict[str, Any] = {
+            "pretrained_model_name_or_path": self.base_model,
+            "dataset_config": str(self.project.dataset_toml),
+            "output_name": f"{self.project.name.replace(' ', '_')}-{method}",
+        }
+        if self.sample_prompts.is_file():  # live previews in the training monitor
+            values.update(sample_prompts=str(self.sample_prompts), sample_every_n_steps=SAMPLE_EVERY)
+        if method != "dreambooth":  # a DreamBooth save is a 2 GB model (+ 5 GB of state): only at the end
+            values["save_every_n_steps"] = SAVE_EVERY
+        if method == "dreambooth":
+            values["class_data_dir"] = str(self.project.path / "class_images")
+        if method == "hypernetwork" and isinstance(config.learning_rate, float):
+            values["learning_rate"] = str(config.learning_rate)  # a number or an A1111 schedule string
+        if self.demo:
+            values.update(DEMO_OVERRIDES[method])
+        names = {f.name for f in fields(cls)}
+        config = replace(config, **{k: v for k, v in values.items() if k in names})
+        return use_project(config, self.project)  # outputs in output/, resumable states in state/, logs in logs/
+
+    def config(self, method: str):
+        """The saved settings (``run-<method>.toml``) if there are any, else :meth:`new_config`."""
+        from nbkit.train.run_file import load_run_config
+
+        path = self.run_file(method)
+        if path.is_file():
+            return load_run_config(path, config_class(method))[0]
+        return self.new_config(method)
+
+    def save_config(self, config, method: str) -> Path:
+        """Write ``run-<method>.toml`` (kohya option names)."""
+        from nbkit.config import save_toml
+        from nbkit.train.run_file import run_config_dict
+
+        return save_toml(run_config_dict(config), self.run_file(method))
+
+    def datasets(self, config, method: str) -> list:
+        """The datasets a run trains on (the project's ``dataset.toml`` unless the config says otherwise)."""
+        from nbkit.train.run_file import resolve_datasets
+
+        base = self.project.path
+        if method == "dreambooth":
+            from nbkit.train.dreambooth_config import resolve_dreambooth_datasets
+
+            return resolve_dreambooth_datasets(config, {}, base)
+        if method == "hypernetwork":
+            from nbkit.networks.hypernetwork.cli import hypernetwork_datasets
+
+            return hypernetwork_datasets(config, {}, base)
+        return resolve_datasets(config, {}, base)
+
+    # ---------------------------------------------------------------- outputs
+    def outputs(self, method: str) -> list[Path]:
+        """The method's trained files in the output folder, the final one first, then newest first."""
+        config = self.config(method)
+        folder, name = Path(config.output_dir), config.output_name
+        suffix = OUTPUT_SUFFIX[method]
+        if not folder.is_dir():
+            return []
+        found = [p for p in folder.glob(f"{name}*{suffix}") if p.is_file()]
+        found.sort(key=lambda p: (p.stem != name, -p.stat().st_mtime))
+        return found
+
+    def latest(self, method: str, required: bool = True) -> Path | None:
+        """The newest trained file of ``method``. In demo mode a short run makes one if there is none;
+        otherwise a missing file is an error naming the notebook to run (or None if not ``required``)."""
+        found = self.outputs(method)
+        if found:
+            return found[0]
+        if self.demo:
+            self.train(method, quiet=True)
+            return self.outputs(method)[0]
+        if not required:
+            return None
+        number = {"lora": "04_train_lora", "dreambooth": "05_train_dreambooth", "hypernetwork": "06_train_hypernetwork"}
+        raise FileNotFoundError(f"no trained {method} in {self.project.output_dir}: run {number[method]} first")
+
+    def train(self, method: str, hooks=None, quiet: bool = False):
+        """Train ``method`` with the saved settings (what the training notebooks do, in one call)."""
+        from nbkit.train.hooks import ProgressHooks
+
+        config = self.config(method)
+        if not self.run_file(method).is_file():  # as the training notebook does: the settings stay in the project
+            self.save_config(config, method)
+        hooks = hooks if hooks is not None or quiet else ProgressHooks(method)
+        return trainer(method)(config, self.datasets(config, method), hooks=hooks)
+
+    def preview(self, pipeline, config, prompts: str | Path | None = None, step: int = 0):
+        """Render the preview prompts with ``pipeline`` into ``<project>/samples``; returns a labelled grid."""
+        from nbkit.data.gallery import make_grid
+        from nbkit.train.sample_prompts import SamplePrompt, load_sample_prompts
+        from nbkit.train.sampling import generate_samples
+
+        source = prompts or config.sample_prompts
+        items = load_sample_prompts(source) if source else [SamplePrompt("a photo")]
+        results = generate_samples(pipeline, items, default_sampler=config.sample_sampler, step=step, epoch=None,
+                                   output_dir=self.project.samples_dir, output_name=config.output_name,
+                                   default_size=config.resolution, base_seed=config.seed, clip_skip=config.clip_skip)
+        return make_grid([(image, p.prompt) for p, image, _ in results], columns=min(4, len(results)), thumb=256)
+
+
+def open_project(name: str, root: str | Path | None = None, step: str | None = None,
+                 drive: bool = True, verbose: bool = True) -> NotebookProject:
+    """Open (or create) project ``name``; in demo mode, under the demo root with demo material.
+
+    ``step`` is the calling notebook's step (one of :data:`STEPS`): in demo mode what the earlier
+    steps would have made is made first (the sample dataset is imported for every step after
+    ``dataset``). ``drive``: on Colab, outside demo mode, mount Google Drive first so the project
+    lives there (a no-op when mounted).
+    """
+    if step is not None and step not in STEPS:
+        raise ValueError(f"unknown step {step!r}: one of {', '.join(STEPS)}")
+    demo = demo_mode()
+    if demo:
+        root = Path(root) if root else demo_root()
+        paths = ensure_demo_material(root)
+        session = NotebookProject(Project.open(name, root), True, paths)
+        session.write_sample_prompts(DEMO_PROMPTS, overwrite=False)
+        if step not in (None, "setup", "dataset") and not session.dataset_toml.is_file():
+            from nbkit.data.importer import import_dataset
+
+            import_dataset([paths["samples"]], session.project, progress=False)
+    else:
+        if drive and root is None:
+            _mount_drive_quietly()
+        session = NotebookProject(Project.open(name, root))
+    if verbose:
+        print(project_summary(session))
+    return session
+
+
+def _mount_drive_quietly() -> None:
+    from nbkit.colab import mount_drive
+
+    if _in_colab():
+        mount_drive()  # reuses a mount; asks for permission only the first time in a runtime
+
+
+def _in_colab() -> bool:
+    from nbkit.colab import in_colab
+
+    return in_colab()
+
+
+def project_summary(session: NotebookProject) -> str:
+    """A few lines: where the project is, and what earlier steps left in it."""
+    p = session.project
+    lines = [f"project '{p.name}': {p.path}" + ("  [DEMO: tiny model, sample data, short runs]" if session.demo else "")]
+    if not session.demo and _in_colab() and "/drive/" not in str(p.path):
+        lines.append("  note: not on Google Drive: a Colab runtime reset deletes it (mount Drive in 00_setup)")
+    images = sum(1 for x in p.dataset_dir.rglob("*") if x.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp"))
+    lines.append(f"  dataset: {images} images" + ("" if p.dataset_toml.is_file() else " (no dataset.toml yet: 01_dataset)"))
+    saved = [m for m in METHODS if session.run_file(m).is_file()]
+    lines.append(f"  run files: {', '.join(f'run-{m}.toml' for m in saved) or 'none yet (03_configure)'}")
+    trained = [m for m in METHODS if session.outputs(m)]
+    lines.append(f"  trained: {', '.join(trained) or 'nothing yet'}")
+    return "\n".join(lines)
+
+
+def compare_models(models: dict[str, str | Path], prompts: str | Path, resolution: int = 512, thumb: int = 192):
+    """Render the same prompts (a kohya prompt file) with each model, one row per model, as a gallery.
+
+    Models load one at a time (fp16 on a GPU) and are freed before the next, so three SD1.5
+    checkpoints fit a free Colab's RAM and VRAM. Missing paths are skipped with a note."""
+    import gc
+
+    import torch
+
+    from nbkit.data.gallery import make_grid
+    from nbkit.models.load import load_pipeline
+    from nbkit.train.sample_prompts import load_sample_prompts
+    from nbkit.train.sampling import generate_samples
+
+    items = load_sample_prompts(prompts)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    cells = []
+    with tempfile.TemporaryDirectory(prefix="nbkit-compare-") as tmp:
+        for label, path in models.items():
+            if not Path(path).exists():
+                print(f"{label}: {path} does not exist: skipped")
+                continue
+            pipeline, _ = load_pipeline(str(path), torch_dtype=torch.float16 if device == "cuda" else torch.float32)
+            pipeline.to(device)
+            results = generate_samples(pipeline, items, step=0, epoch=None, output_dir=tmp, output_name=label,
+                                       default_size=resolution)
+            cells += [(image, f"{label}: {p.prompt}") for p, image, _ in results]
+            del pipeline
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return make_grid(cells, columns=len(items), thumb=thumb)

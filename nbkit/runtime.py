@@ -1,0 +1,168 @@
+"""The setup notebook's checks: GPU, memory, versions, Drive, Hub token, and a one-line "ready".
+
+    from nbkit.runtime import environment_report, connect_drive, hub_login, ready_line
+    environment_report()          # prints the GPU (warns without a T4-class card), RAM and versions
+
+Everything here is quick and safe to run again; nothing is installed or downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "bitsandbytes", "huggingface_hub",
+            "onnxruntime", "onnxruntime-gpu", "ipywidgets")
+T4_NAMES = ("T4",)
+T4_GIB = (14.0, 16.5)  # a T4 reports ~14.6 GiB; cards in this range take the T4 presets as they are
+
+
+def package_versions(names=PACKAGES) -> dict[str, str]:
+    """Installed versions (missing packages are left out), read without importing them."""
+    out = {}
+    for name in names:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[name] = importlib.metadata.version(name)
+    return out
+
+
+def memory_gib() -> tuple[float | None, float | None]:
+    """(total, available) system RAM in GiB from /proc/meminfo (None elsewhere)."""
+    try:
+        text = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None, None
+    values = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines() if line.split()[1:2]}
+    kib = 2**20
+    total, free = values.get("MemTotal"), values.get("MemAvailable")
+    return (total / kib if total else None), (free / kib if free else None)
+
+
+@dataclass
+class Environment:
+    python: str
+    packages: dict[str, str]
+    gpu: object | None  # nbkit.colab.GpuInfo
+    cuda: str | None
+    ram_total_gib: float | None
+    ram_free_gib: float | None
+    in_colab: bool
+    demo: bool
+    warnings: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        from nbkit.colab import describe_gpu
+
+        out = [describe_gpu(self.gpu) + (f" (CUDA {self.cuda})" if self.cuda and self.gpu else "")]
+        if self.ram_total_gib:
+            out.append(f"RAM: {self.ram_total_gib:.1f} GiB total, {self.ram_free_gib or 0:.1f} GiB available")
+        out.append(f"Python {self.python}" + (" in Google Colab" if self.in_colab else ""))
+        out.append("packages: " + ", ".join(f"{k} {v}" for k, v in self.packages.items()))
+        if self.demo:
+            out.append("DEMO mode (NBKIT_DEMO=1): tiny model, drawn sample data, short runs; nothing is downloaded")
+        out += [f"WARNING: {w}" for w in self.warnings]
+        return out
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines())
+
+
+def gpu_warnings(gpu) -> list[str]:
+    """No GPU, a card that is not T4-class, or VRAM another process holds."""
+    if gpu is None:
+        return ["no GPU: only the demo (NBKIT_DEMO=1) is practical on a CPU. In Colab: Runtime > Change runtime "
+                "type > T4 GPU, then run this notebook again."]
+    out = []
+    t4_class = any(n in gpu.name for n in T4_NAMES) or T4_GIB[0] <= gpu.total_gib <= T4_GIB[1]
+    if not t4_class:
+        if gpu.total_gib < T4_GIB[0]:
+            out.append(f"{gpu.name} has {gpu.total_gib:.1f} GiB, less than a T4's 15: the T4 presets may not fit; "
+                       "use the pre-flight check's suggested changes (03_configure)")
+        else:
+            out.append(f"{gpu.name} is not a T4: the T4 presets work as they are; with {gpu.total_gib:.0f} GiB "
+                       "you can raise train_batch_size (the pre-flight check tells you what fits)")
+    if gpu.free_gib < 0.8 * gpu.total_gib:
+        out.append(f"only {gpu.free_gib:.1f} of {gpu.total_gib:.1f} GiB VRAM is free: another process holds the GPU "
+                   "(Runtime > Restart session frees it)")
+    return out
+
+
+def environment_report(verbose: bool = True) -> Environment:
+    """GPU model and free VRAM, RAM, Python and package versions; prints them unless ``verbose`` is False."""
+    import torch
+
+    from nbkit.colab import gpu_info, in_colab
+    from nbkit.notebook import demo_mode
+
+    versions = {"nbkit": _nbkit_version(), **package_versions()}
+    gpu = gpu_info()
+    total, free = memory_gib()
+    env = Environment(platform.python_version(), versions, gpu, torch.version.cuda, total, free, in_colab(),
+                      demo_mode(), gpu_warnings(gpu))
+    if total is not None and total < 11.0:
+        env.warnings.append(f"{total:.1f} GiB of RAM, less than a free Colab's ~12.7: loading or merging SD1.5 "
+                            "checkpoints may run out of memory")
+    if "onnxruntime" in versions and "onnxruntime-gpu" in versions:
+        env.warnings.append("both onnxruntime and onnxruntime-gpu are installed: `pip uninstall -y onnxruntime` "
+                            "so the WD14 tagger uses the GPU")
+    if verbose:
+        print(env)
+    return env
+
+
+def _nbkit_version() -> str:
+    from nbkit import __version__
+
+    return __version__
+
+
+def connect_drive(enabled: bool = True):
+    """Mount Google Drive (Colab, not in demo mode); returns MyDrive or None, saying why."""
+    from nbkit.notebook import demo_mode, demo_root
+
+    if demo_mode():
+        print(f"demo mode: Google Drive is not used; demo projects live in {demo_root()}")
+        return None
+    if not enabled:
+        print("Drive not used: projects stay on this runtime's disk and are lost when it is deleted")
+        return None
+    from nbkit.colab import mount_drive
+
+    return mount_drive()
+
+
+def hub_login():
+    """The Hugging Face token box (``nbkit.ui.hub_login.HubLogin``), or None in demo mode.
+
+    A token typed into the box is cleared from it at once and kept in this runtime's memory only
+    (as ``HF_TOKEN`` for downloads of gated models); it is never printed or written to a file.
+    A Colab secret named HF_TOKEN is found by every notebook, also after a runtime reset."""
+    from nbkit.notebook import demo_mode
+
+    if demo_mode():
+        print("demo mode: Hub login skipped (nothing is downloaded or uploaded)")
+        return None
+    from nbkit.ui.hub_login import HubLogin
+
+    return HubLogin(on_token=lambda token: os.environ.__setitem__("HF_TOKEN", token.reveal()))
+
+
+def ready_line(session=None) -> str:
+    """One line: nbkit version, GPU and free VRAM, Drive, Hub token, project."""
+    from nbkit.colab import drive_mounted, gpu_info
+    from nbkit.export.hub import resolve_token
+
+    gpu = gpu_info()
+    parts = [f"nbkit {_nbkit_version()}",
+             f"{gpu.name} ({gpu.free_gib:.1f} GiB free)" if gpu else "no GPU",
+             "Drive mounted" if drive_mounted() else "no Drive"]
+    token = resolve_token()
+    parts.append(f"Hub token: {token.source}" if token else "no Hub token")
+    if session is not None:
+        parts.append(f"project '{session.project.name}'" + (" (demo)" if session.demo else ""))
+    warn = "" if gpu is not None or (session is not None and session.demo) else "  (warning: no GPU)"
+    return "ready: " + " | ".join(parts) + warn

@@ -47,7 +47,7 @@ setup(
         "optimizers": OPTIMIZERS,
         "tagger": ["onnxruntime>=1.17", "onnx>=1.16"],
         # on a Colab GPU: onnxruntime-gpu instead of onnxruntime (never both in one environment)
-        "tagger-gpu": ["onnxruntime-gpu>=1.19"],
+        "tagger-gpu": ["onnxruntime-gpu>=1.19", "onnx>=1.16"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["nbkit=nbkit.cli:main"]},

@@ -60,4 +60,15 @@ class Project:
 
     @property
     def run_toml(self) -> Path:
+        """``run.toml``: the settings file of a project driven from the command line."""
         return self.path / "run.toml"
+
+    def run_file(self, method: str) -> Path:
+        """``run-<method>.toml``: the saved settings of one training method (the notebooks keep one per
+        method, since a LoRA run file does not load as DreamBooth settings)."""
+        return self.path / f"run-{method}.toml"
+
+    def run_files(self) -> list[Path]:
+        """Every settings file in the project, newest first."""
+        found = [p for p in [self.run_toml, *self.path.glob("run-*.toml")] if p.is_file()]
+        return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)

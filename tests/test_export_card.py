@@ -179,3 +179,26 @@ def test_sanitize_nested():
     raw = {"a": {"hub_token": "x", "path": "/home/me/data/img", "rel": "data/img", "n": 3},
            "list": ["C:\\Users\\me\\x.png", "ok", "has hf_TOKENVALUE inside"], "api_key": 1}
     assert sanitize(raw, ["hf_TOKENVALUE"]) == {"a": {"path": "img", "rel": "data/img", "n": 3}, "list": ["x.png", "ok"]}
+
+
+def test_project_export_finds_the_run_file_of_the_published_output(tmp_path, capsys):
+    """The notebooks keep one settings file per method (run-<method>.toml): `export hub --project` reads the one
+    that trained the chosen output, so the card's base model and settings are that run's."""
+    from nbkit.cli import main
+    from nbkit.project import Project
+
+    project = Project.open("dogs", tmp_path)
+    write_lora(project.output_dir, "doglora", sd_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    save_toml({"output_name": "doglora", "network_dim": 2,
+               "pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+              project.run_file("lora"))
+    save_toml({"output_name": "dogmodel", "pretrained_model_name_or_path": "other/base"}, project.run_file("dreambooth"))
+    os.utime(project.run_file("lora"), (1_000_000, 1_000_000))  # older: picked by output_name, not by age
+    assert project.run_files()[0] == project.run_file("dreambooth")
+    card_dir = tmp_path / "card"
+    assert main(["export", "hub", "--repo-id", "alice/dog", "--project", "dogs", "--root", str(tmp_path),
+                 "--output-name", "doglora", "--dry-run", "--card-out", str(card_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "run-lora.toml" in out and "run-dreambooth.toml" not in out
+    card = ModelCard.load(card_dir / "README.md")
+    assert card.data.base_model == "stable-diffusion-v1-5/stable-diffusion-v1-5"

@@ -51,9 +51,20 @@ def _hub_sources(args, project) -> tuple[Path | None, list[Path], dict]:
     output_dir = Path(args.output_dir) if args.output_dir else (project.output_dir if project else None)
     configs = [Path(c) for c in args.config or []]
     if not configs and project and not args.no_config:
-        configs = [p for p in (project.run_toml, project.dataset_toml) if p.is_file()]
+        configs = _project_run_file(project, args.output_name)
+        configs += [project.dataset_toml] if project.dataset_toml.is_file() else []
     options = flatten_run_toml(load_toml(configs[0]))[0] if configs else {}
     return output_dir, ([] if args.no_config else configs), options
+
+
+def _project_run_file(project, output_name: str | None) -> list[Path]:
+    """The project's run file (run.toml or run-<method>.toml) that trained ``output_name``, else the newest."""
+    from nbkit.config import flatten_run_toml, load_toml
+
+    files = project.run_files()
+    if output_name:
+        files = [f for f in files if flatten_run_toml(load_toml(f))[0].get("output_name") == output_name] or files
+    return files[:1]
 
 
 @_friendly
@@ -144,7 +155,7 @@ def _add_hub(group) -> None:
     vis.add_argument("--public", dest="visibility", action="store_const", const="public", help="public repo")
     vis.add_argument("--huggingface_repo_visibility", dest="visibility", choices=("private", "public"))
     p.set_defaults(visibility="private")
-    p.add_argument("--project", help="project name (its output, samples, run.toml and dataset)")
+    p.add_argument("--project", help="project name (its output, samples, run settings and dataset)")
     p.add_argument("--root", help=ROOT_HELP)
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="folder of the trained files")
     p.add_argument("--output-name", "--output_name", dest="output_name", help="which run (default: from the run TOML)")

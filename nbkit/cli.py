@@ -11,7 +11,7 @@ from nbkit._version import __version__
 
 # Modules with an ``add_commands(subparsers)`` function: ``nbkit dataset ...``, ``nbkit tag ...``.
 COMMAND_MODULES = ("nbkit.data.cli", "nbkit.tag.cli", "nbkit.merge.cli",
-                   "nbkit.networks.hypernetwork.cli", "nbkit.export.cli")
+                   "nbkit.networks.hypernetwork.cli", "nbkit.export.cli", "nbkit.estimate.cli")
 
 
 def _cmd_make_tiny_model(args) -> int:

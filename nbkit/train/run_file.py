@@ -53,4 +53,9 @@ def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
         config, inline, base_dir = load_run_config(args.config, cls)
     else:
         config, inline, base_dir = cls(), {}, Path.cwd()
-    return merge_cli(config, args), inline, base_dir
+    config = merge_cli(config, args)
+    if getattr(args, "auto_fit", None):  # `nbkit train <method> --auto-fit [GPU]`: fit the GPU by the estimator
+        from nbkit.estimate.cli import apply_auto_fit
+
+        config = apply_auto_fit(config, args.auto_fit)
+    return config, inline, base_dir

@@ -42,7 +42,7 @@ def test_breakdown_adds_up_and_summary_ends_with_peak():
     assert sum(result.breakdown.values()) == pytest.approx(result.peak_gib, abs=1e-6)
     assert result.breakdown["CUDA context + workspaces (calibrated)"] * 2**30 == pytest.approx(CONTEXT_BYTES)
     last = result.summary().splitlines()[-1]
-    assert last.startswith("peak=") and float(last[5:].split()[0]) == pytest.approx(result.peak_gib, abs=0.01)
+    assert last.startswith("peak=") and float(last[5:]) == pytest.approx(result.peak_gb, abs=0.01)
     assert result.params["trainable"] == 859_520_964  # the real SD1.5 U-Net
 
 

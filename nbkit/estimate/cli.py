@@ -16,7 +16,7 @@ def _flag(parser, name: str, **kwargs) -> None:
 def add_estimate_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("estimate", help="simulated peak GPU memory of a training step (no GPU needed)",
                        description="Runs one training step of the real model on PyTorch's meta device and prints "
-                                   "the simulated peak GPU memory (GiB) with its parts; the last line is peak=<GiB>.")
+                                   "the simulated peak GPU memory (GiB) with its parts; the last line is peak=<GB> (10^9 bytes).")
     p.add_argument("--method", choices=METHODS, default="lora")
     p.add_argument("--arch", choices=ARCHS, default="sd15")
     _flag(p, "resolution", type=int, default=512)

@@ -140,7 +140,8 @@ class Estimate:
         lines = [head, f"  {'part':<{width}}    GiB"]
         lines += [f"  {name:<{width}} {value:6.2f}" for name, value in parts.items()]
         lines += [f"  note: {note}" for note in self.notes]
-        lines.append(f"peak={self.peak_gib:.2f} GiB")
+        lines.append(f"  peak {self.peak_gib:.2f} GiB = {self.peak_gb:.2f} GB (10^9 bytes, the unit of published tables)")
+        lines.append(f"peak={self.peak_gb:.2f}")  # GB: the last line, easy to parse
         return "\n".join(lines)
 
 

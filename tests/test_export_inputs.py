@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 
 import pytest
 from http_server import serve_files
@@ -66,3 +67,26 @@ def test_drive_path_waits_for_sync_and_local_typos_fail_fast(tmp_path, monkeypat
         timer.join()
     with pytest.raises(FileNotFoundError, match="no such file: check the path"):
         fetch_input(str(tmp_path / "typo.safetensors"))
+
+
+def test_a_drive_file_still_syncing_is_waited_for_until_complete(tmp_path, monkeypatch):
+    """Drive can list a file while its bytes still arrive: nbkit waits until the size settles before the
+    checksum, instead of failing on (or loading) half a file."""
+    mydrive = tmp_path / "MyDrive"
+    mydrive.mkdir()
+    monkeypatch.setenv("NBKIT_MYDRIVE", str(mydrive))
+    growing = mydrive / "base.safetensors"
+
+    def sync():
+        with growing.open("wb") as fh:
+            fh.write(DATA[: len(DATA) // 2])
+            fh.flush()
+            time.sleep(0.2)
+            fh.write(DATA[len(DATA) // 2:])
+
+    writer = threading.Thread(target=sync)
+    writer.start()
+    try:
+        assert fetch_input(str(growing), sha256=SHA, drive_timeout=30) == growing
+    finally:
+        writer.join()

@@ -73,6 +73,24 @@ def wait_visible(path: str | Path, *, size: int | None = None, timeout: float = 
                         "syncing: wait a minute or two and run the cell again (remount if it stays missing).")
 
 
+def wait_settled(path: str | Path, *, timeout: float = 120.0, interval: float = 0.5,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> Path:
+    """Wait until a visible file stops growing (Drive may show a file while its bytes still arrive), so it
+    is not hashed or loaded half-synced. A file whose size is the same on two polls is taken as complete."""
+    path = Path(path)
+    last = -1
+    for _ in _polls(timeout, interval, sleep, clock):
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        if size >= 0 and size == last:
+            return path
+        last = size
+    raise DriveLagError(f"{path} is still changing after {timeout:.0f} s: Drive may still be syncing it; wait and "
+                        "run the cell again.")
+
+
 def wait_for_files(folder: str | Path, pattern: str = "*", *, timeout: float = 120.0, interval: float = 0.5,
                    sleep: Callable[[float], None] = time.sleep,
                    clock: Callable[[], float] = time.monotonic) -> list[Path]:

@@ -98,13 +98,16 @@ def url_file(url: str, *, sha256: str | None = None, cache_dir: str | os.PathLik
 def local_file(path: str | Path, *, sha256: str | None = None, drive_timeout: float = 120.0) -> Path:
     """A path on disk or Drive (waited for up to ``drive_timeout`` s while Drive syncs); it is only read."""
     from nbkit.colab import MOUNTPOINT, drive_mydrive
-    from nbkit.export.drive import wait_visible
+    from nbkit.export.drive import wait_settled, wait_visible
 
     path = Path(path).expanduser().absolute()
     on_drive = any(path.is_relative_to(root) for root in (MOUNTPOINT, drive_mydrive()))
     if not on_drive and not path.exists():
         raise FileNotFoundError(f"{path}: no such file: check the path (relative paths start at {Path.cwd()})")
-    return verify_sha256(wait_visible(path, timeout=drive_timeout if on_drive else 0), sha256)
+    path = wait_visible(path, timeout=drive_timeout if on_drive else 0)
+    if on_drive and path.is_file():
+        wait_settled(path, timeout=drive_timeout)  # still syncing: do not hash or load half a file
+    return verify_sha256(path, sha256)
 
 
 def fetch_input(source: str | Path, *, sha256: str | None = None, cache_dir: str | os.PathLike | None = None,

@@ -11,7 +11,7 @@ import datetime
 import json
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -45,10 +45,10 @@ class LoraTrainingInfo:
     """
 
     arch: str = "sd15"
-    network_dim: int = 4
-    network_alpha: float = 1.0
-    conv_dim: int | None = None
-    conv_alpha: float | None = None
+    network_dim: int | str = 4  # "Dynamic" when the modules' ranks differ (kohya resize_lora)
+    network_alpha: float | str = 1.0
+    conv_dim: int | str | None = None
+    conv_alpha: float | str | None = None
     network_args: Mapping[str, Any] | None = None
     output_name: str = "lora"
     steps: int = 0
@@ -105,8 +105,59 @@ def _network_args(info: LoraTrainingInfo) -> dict[str, str]:
     args = {k: str(v) for k, v in (info.network_args or {}).items()}
     if info.conv_dim:
         args.setdefault("conv_dim", str(info.conv_dim))
-        args.setdefault("conv_alpha", str(1.0 if info.conv_alpha is None else info.conv_alpha))
+        args.setdefault("conv_alpha", str(1.0 if info.conv_alpha is None else _alpha_value(info.conv_alpha)))
     return args
+
+
+def _alpha_value(alpha: float | str) -> float | str:
+    """kohya writes ``str(float(alpha))`` ("8.0"); "Dynamic" stays as it is."""
+    return alpha if isinstance(alpha, str) else float(alpha)
+
+
+@dataclass(frozen=True)
+class NetworkShape:
+    """Ranks and alphas a kohya LoRA file really holds (each ``"Dynamic"`` when the modules differ)."""
+
+    network_dim: int | str
+    network_alpha: float | str
+    conv_dim: int | str | None = None  # 3x3 convs (LoCon); None without any
+    conv_alpha: float | str | None = None
+
+    def describe(self) -> str:
+        text = f"rank {self.network_dim} / alpha {self.network_alpha}"
+        return text + (f", conv rank {self.conv_dim} / alpha {self.conv_alpha}" if self.conv_dim is not None else "")
+
+
+def _one_or_dynamic(values: set) -> Any:
+    return next(iter(values)) if len(values) == 1 else "Dynamic"
+
+
+def network_shape(shapes: Mapping[str, Sequence[int]], alphas: Mapping[str, float]) -> NetworkShape:
+    """The ``ss_network_dim``/``ss_network_alpha`` and conv args of a kohya LoRA from its tensors.
+
+    ``shapes``: key -> shape of every ``*.lora_down.weight``; ``alphas``: key -> value of every
+    ``*.alpha``. As kohya ``networks/lora.py::create_network_from_weights``: the rank of a module is
+    ``lora_down.shape[0]``, a missing alpha means alpha = rank; 3x3 conv modules (LoCon, kohya's
+    ``conv_dim``/``conv_alpha``) are counted apart from Linear and 1x1 conv modules.
+    """
+    linear: dict[str, set] = {"dim": set(), "alpha": set()}
+    conv: dict[str, set] = {"dim": set(), "alpha": set()}
+    for key, shape in shapes.items():
+        if not key.endswith(".lora_down.weight"):
+            continue
+        stem, rank = key.removesuffix(".lora_down.weight"), int(shape[0])
+        group = conv if len(shape) == 4 and tuple(shape[2:]) != (1, 1) else linear
+        group["dim"].add(rank)
+        group["alpha"].add(float(alphas.get(f"{stem}.alpha", rank)))
+    if not linear["dim"] and not conv["dim"]:
+        raise ValueError("no lora_down weights: not a kohya LoRA")
+    has_conv = bool(conv["dim"])
+    return NetworkShape(
+        _one_or_dynamic(linear["dim"]) if linear["dim"] else 0,
+        _one_or_dynamic(linear["alpha"]) if linear["alpha"] else 0.0,
+        _one_or_dynamic(conv["dim"]) if has_conv else None,
+        _one_or_dynamic(conv["alpha"]) if has_conv else None,
+    )
 
 
 def _ss_metadata(info: LoraTrainingInfo, base_version: str, v2: bool, reso: tuple[int, int]) -> dict[str, Any]:
@@ -130,7 +181,7 @@ def _ss_metadata(info: LoraTrainingInfo, base_version: str, v2: bool, reso: tupl
         "ss_lr_scheduler": info.lr_scheduler,
         "ss_network_module": "networks.lora",
         "ss_network_dim": info.network_dim,
-        "ss_network_alpha": float(info.network_alpha),
+        "ss_network_alpha": _alpha_value(info.network_alpha),
         "ss_mixed_precision": info.mixed_precision,
         "ss_full_fp16": False,
         "ss_v2": v2,

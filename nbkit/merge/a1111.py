@@ -7,7 +7,8 @@ Rules (interop spec §3.2), in A1111's order:
 
 1. only keys of A that contain ``'model'``, are present in B and are not in
    ``checkpoint_dict_skip_on_merge`` are merged; A's other keys pass through unchanged;
-2. add difference: ``A + M·(B − C)``, a B key missing from C counts as zeros;
+2. add difference: ``A + M·(B − C)``; for a B key missing from C, A1111 sets ``B − C`` itself to
+   zeros (``theta_1[key] = torch.zeros_like(theta_1[key])``), so the result is A for that key;
 3. A with 9 (inpainting) or 8 (instruct-pix2pix) input channels and a 4-channel B: only
    ``[:, 0:4]`` is merged, in A's dtype; the reverse order is an error;
 4. ``save_as_half`` turns fp32 tensors into fp16: with interpolation only the merged (and baked
@@ -80,9 +81,15 @@ def merge_tensor(
     multiplier: float,
     channels: str | None = None,
 ) -> torch.Tensor:
-    """One merged key, exactly as A1111 computes it (``c`` None = missing from C = zeros)."""
+    """One merged key, exactly as A1111 computes it.
+
+    ``c`` None means the key is missing from C. A1111 (``modules/extras.py::run_modelmerger``, the
+    "Merging B and C" loop) then replaces the *difference* with zeros, not C:
+    ``theta_1[key] = torch.zeros_like(theta_1[key])``, so A + M·0 = A (B's dtype still takes part
+    in type promotion, as in A1111).
+    """
     if method == "add_difference":
-        b = get_difference(b, torch.zeros_like(b) if c is None else c)
+        b = torch.zeros_like(b) if c is None else get_difference(b, c)
         combine = add_difference
     elif method == "weighted_sum":
         combine = weighted_sum

@@ -59,6 +59,7 @@ def to_diffusers(
     Configs come from ``config_dir``, the file's embedded ``nbkit.diffusers_config``, or nbkit's
     shipped SD1.5/SD2.1 configs (see :func:`nbkit.models.load.load_pipeline`).
     """
+    from nbkit.formats.text_encoder_keys import canonicalize_text_encoder_files
     from nbkit.io import atomic_dir
     from nbkit.models.load import load_pipeline
     from nbkit.models.tiny import save_tokenizer_files
@@ -71,6 +72,7 @@ def to_diffusers(
     pipe, _ = load_pipeline(str(src), config_dir=None if config_dir is None else str(config_dir), torch_dtype=dtype)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        canonicalize_text_encoder_files(tmp)  # text_model.* names: transformers 4 and 5 both load them
         save_tokenizer_files(pipe.tokenizer, tmp / "tokenizer")
     return out
 

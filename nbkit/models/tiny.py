@@ -141,12 +141,14 @@ def make_tiny_model(out: str | Path, arch: str = "sd15", seed: int = 0, single_f
 
     Returns the written paths: ``{"diffusers": folder, "single_file": file?}``.
     """
+    from nbkit.formats.text_encoder_keys import canonicalize_text_encoder_files
     from nbkit.io import atomic_dir
 
     out = Path(out)
     pipe = build_tiny_pipeline(arch, seed)
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(str(tmp), safe_serialization=True)
+        canonicalize_text_encoder_files(tmp)  # text_model.* names: transformers 4 and 5 both load them
         save_tokenizer_files(pipe.tokenizer, tmp / "tokenizer")
         (tmp / "nbkit_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}))
     paths: dict[str, Path] = {"diffusers": out}

@@ -97,12 +97,15 @@ def write_single_file(export, path: Path, arch: str, *, metadata: dict[str, str]
 
 
 def write_diffusers(export, folder: Path, safe: bool, ema_unet=None) -> Path:
-    """A diffusers folder (with a tokenizer old and new readers load; ``unet_ema/`` if given)."""
+    """A diffusers folder (text encoder with canonical ``text_model.`` keys and a tokenizer that old and
+    new readers load; ``unet_ema/`` if given)."""
+    from nbkit.formats.text_encoder_keys import canonicalize_text_encoder_files
     from nbkit.io import atomic_dir
     from nbkit.models.tiny import save_tokenizer_files
 
     with atomic_dir(folder) as tmp:
         export.save_pretrained(str(tmp), safe_serialization=safe)
+        canonicalize_text_encoder_files(tmp)  # text_model.* names: transformers 4 and 5 both load them
         save_tokenizer_files(export.tokenizer, tmp / "tokenizer")
         if ema_unet is not None:
             ema_unet.save_pretrained(str(tmp / "unet_ema"), safe_serialization=safe)

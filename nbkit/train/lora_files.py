@@ -41,8 +41,11 @@ def save_lora_file(config, name, unet, text_encoder, info, items, datasets, step
     unet = accelerator.unwrap_model(unet)
     text_encoder = accelerator.unwrap_model(text_encoder)
     state = export_kohya_state_dict(unet, text_encoder)  # every adapted model, trained or loaded
+    fields = {key: getattr(config, key) for key in _SAME_NAME_FIELDS}
+    if config.network_weights:  # continued from a file: describe the weights trained, not the config
+        fields.update(_shape_fields(state))
     metadata = build_metadata(LoraTrainingInfo(
-        **{key: getattr(config, key) for key in _SAME_NAME_FIELDS},
+        **fields,
         arch=info.arch,
         output_name=name,
         steps=step,
@@ -63,3 +66,14 @@ def save_lora_file(config, name, unet, text_encoder, info, items, datasets, step
     save_kohya_lora(state, path, metadata, save_dtype_for(config.save_precision))
     hooks.on_save(path, step)
     return path
+
+
+def _shape_fields(state: dict) -> dict:
+    """network_dim/alpha and conv_dim/alpha of a kohya state dict (kohya
+    ``networks/lora.py::create_network_from_weights`` reads them from the tensors the same way)."""
+    from nbkit.formats.kohya_metadata import network_shape
+
+    shape = network_shape({k: tuple(v.shape) for k, v in state.items() if k.endswith(".lora_down.weight")},
+                          {k: v.float().item() for k, v in state.items() if k.endswith(".alpha")})
+    return {"network_dim": shape.network_dim, "network_alpha": shape.network_alpha,
+            "conv_dim": shape.conv_dim, "conv_alpha": shape.conv_alpha}

@@ -102,7 +102,7 @@ def inject_lora_modules(
     ``rank_pattern``/``alpha_pattern`` with fully escaped paths. Afterwards only this adapter's
     LoRA parameters are trainable, and they are float32.
     """
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     if not modules:
         raise ValueError("inject_lora_modules: no modules to adapt")
@@ -122,12 +122,12 @@ def inject_lora_modules(
         lora_dropout=0.0,
         bias="none",
     )
-    if hasattr(model, "add_adapter"):  # diffusers ModelMixin / transformers PreTrainedModel
-        model.add_adapter(config, adapter_name=adapter_name)
-    else:
-        from peft import inject_adapter_in_model
-
-        inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    # peft's own API, for the UNet and the text encoder alike. ``PreTrainedModel.add_adapter`` and
+    # ``ModelMixin.add_adapter`` only wrap this call behind their own peft version gates
+    # (transformers 5.25 demands a peft that does not exist yet), so going through them lets a
+    # newer transformers or diffusers break training. ``inject_adapter_in_model`` sets
+    # ``model.peft_config`` itself, which is all ``get_peft_model_state_dict`` needs.
+    inject_adapter_in_model(config, model, adapter_name=adapter_name)
     adapted = [name for name, _ in _lora_layers(model, adapter_name)]
     missing = sorted(set(modules) - set(adapted))
     if missing or len(adapted) != len(modules):

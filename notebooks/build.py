@@ -17,7 +17,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = "nbkit/nbkit"
-VERSION = (HERE.parent / "nbkit" / "_version.py").read_text().split('"')[1]
 PROJECT = "my-lora"
 
 
@@ -27,16 +26,29 @@ def badge(name: str) -> str:
             'alt="Open In Colab"/></a>')
 
 
-INSTALL_MD = """**Install.** On a fresh Colab runtime (also after a runtime reset) this installs the nbkit release these
-notebooks were written for; when nbkit is already there it does nothing. Colab's own PyTorch is never
-reinstalled: nbkit does not pin torch to a CUDA build."""
+# Where the install cell takes nbkit from. It must name a ref that exists (tests/test_install.py checks
+# it against this repository): a branch now, a release tag once releases are published.
+SOURCE = f"git+https://github.com/{REPO}@main"
 
-INSTALL = f"""import importlib.util
-import shutil
+INSTALL_MD = """**Install.** On a fresh Colab runtime (also after a runtime reset) this installs nbkit; when it is already
+installed the cell does nothing. `NBKIT_SOURCE` says where nbkit comes from: a git URL with a branch or
+release tag after the `@`, a folder on Drive holding a copy of the repository, or a `.whl` file with the
+`requirements.txt` of its release beside it. Every library is installed at the exact version the tests ran
+with (that `requirements.txt`, applied as constraints), so a library released yesterday cannot break
+today's run. Colab's own PyTorch is never reinstalled: nbkit does not pin torch to a CUDA build."""
 
-if importlib.util.find_spec("nbkit") is None:  # a fresh runtime: install nbkit, keep Colab's torch
+INSTALL = f"""import importlib.util, os, shutil
+
+NBKIT_SOURCE = "{SOURCE}"  # or a Drive folder with the repository, or a .whl
+if importlib.util.find_spec("nbkit") is None:  # a fresh runtime: install nbkit with its tested pins
     EXTRA = "tagger-gpu" if shutil.which("nvidia-smi") else "tagger"  # WD14 tagger on the GPU when there is one
-    %pip install -q "nbkit[{{EXTRA}}] @ git+https://github.com/{REPO}@v{VERSION}\""""
+    SRC = os.path.expanduser(NBKIT_SOURCE)
+    if SRC.startswith("git+"):  # clone that branch or tag: its requirements.txt has the pins it was tested with
+        URL, REF = SRC[4:].rsplit("@", 1)
+        SRC = os.path.expanduser("~/nbkit-src")
+        !rm -rf {{SRC}} && git clone -q --depth 1 --branch {{REF}} {{URL}} {{SRC}}
+    PINS = os.path.join(SRC if os.path.isdir(SRC) else os.path.dirname(SRC), "requirements.txt")
+    %pip install -q "{{SRC}}[{{EXTRA}}]" -c "{{PINS}}\""""
 
 PROJECT_MD = """**Project.** Use the same `PROJECT` name in every notebook: its folder holds all the state (images,
 captions, `dataset.toml`, run settings, trained files, resumable states), so this notebook reads what the
@@ -59,24 +71,16 @@ def common(step: str) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------------------- 00
 SETUP = [
-    ("""**1. Install.** nbkit comes from a pinned release tag, so these notebooks and the library match. The
-cell installs it only when it is missing or older than `NBKIT`; rerunning it is instant. Colab's PyTorch
-stays as it is: nbkit asks for `torch>=2.1` without a CUDA build, and pip keeps an installed torch that
-satisfies it (reinstalling torch is what broke most Colab trainers: xformers and CUDA mismatches after each
-Colab update). `tagger-gpu` adds onnxruntime-gpu so the WD14 tagger uses the GPU. If it upgraded an nbkit
-that this session had already imported, use Runtime > Restart session once.""",
-     f"""import importlib.metadata
-import shutil
-from packaging.version import Version
-
-NBKIT = "{VERSION}"  # the release these notebooks were tested with
-EXTRA = "tagger-gpu" if shutil.which("nvidia-smi") else "tagger"  # WD14 tagger on the GPU when there is one
-try:
-    installed = Version(importlib.metadata.version("nbkit"))
-except importlib.metadata.PackageNotFoundError:
-    installed = None
-if installed is None or installed < Version(NBKIT):
-    %pip install -q "nbkit[{{EXTRA}}] @ git+https://github.com/{REPO}@v{{NBKIT}}\""""),
+    ("""**1. Install.** The cell installs nbkit from `NBKIT_SOURCE` only when it is missing; rerunning it is
+instant. The source is a git URL with a branch or release tag after the `@` (pin a tag to keep a class on one
+version), a folder on Drive holding a copy of the repository (edit nbkit there, reset the runtime, rerun), or
+a `.whl` file with its release's `requirements.txt` beside it. That `requirements.txt` lists the exact
+library versions the tests passed with, and pip applies it as constraints: a library released after that
+release cannot change what you install. Colab's PyTorch stays as it is: nbkit asks for `torch>=2.1` without a
+CUDA build, and pip keeps an installed torch that satisfies it (reinstalling torch is what broke most Colab
+trainers: xformers and CUDA mismatches after each Colab update). `tagger-gpu` adds onnxruntime-gpu so the
+WD14 tagger uses the GPU. To switch to another source in a running session, change `NBKIT_SOURCE`, then
+Runtime > Disconnect and delete runtime, and run the cell again.""", INSTALL),
     ("""**2. The runtime.** A free Colab runtime is a T4: 15 GiB of VRAM, fp16 only (no bf16), about 12.7 GB of
 system RAM and 2 CPU cores. nbkit's "T4" presets are sized for exactly that: SD1.5 at 512 px, fp16 autocast,
 8-bit AdamW, gradient checkpointing, cached latents. The report below names the GPU and its free memory and
@@ -144,7 +148,7 @@ images × repeats and the steps per epoch for the batch size, like kohya's own l
 
 On a T4, SD1.5 trains at 512 px (the preset's resolution). A bad result is any **error** line: the trainer
 would stop on it. `QUARANTINE = True` moves unusable files out of the project copy into `quarantine/`
-(never your originals); `nbkit dataset check --fix-to DIR` writes repaired copies instead.""",
+(never your originals); `nbkit dataset check --fix_to DIR` writes repaired copies instead.""",
      """from nbkit.data.check import check_dataset
 from nbkit.data.fix import quarantine_problems
 

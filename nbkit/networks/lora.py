@@ -128,6 +128,8 @@ def inject_lora_modules(
     # newer transformers or diffusers break training. ``inject_adapter_in_model`` sets
     # ``model.peft_config`` itself, which is all ``get_peft_model_state_dict`` needs.
     inject_adapter_in_model(config, model, adapter_name=adapter_name)
+    if hasattr(model, "_hf_peft_config_loaded"):  # what add_adapter sets, so the libraries' own adapter
+        model._hf_peft_config_loaded = True  # API (disable_adapters, set_adapters, ...) sees this adapter
     adapted = [name for name, _ in _lora_layers(model, adapter_name)]
     missing = sorted(set(modules) - set(adapted))
     if missing or len(adapted) != len(modules):

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from nbkit.io import atomic_path
+from nbkit.io import atomic_path, human_size, temp_owner_alive
 
 CHUNK = 8 << 20
 _TEMP = re.compile(r"^\..+\.tmp$")  # nbkit.io.atomic_path / atomic_dir temporary names
@@ -119,10 +119,10 @@ class CopyResult:
 
 
 def _remove_stale_temps(target: Path) -> None:
-    """Temporary files an earlier, killed copy to ``target`` left behind."""
+    """Temporary files an earlier, killed copy to ``target`` left behind (not those of a running copy)."""
     if target.parent.is_dir():
         for old in target.parent.glob(f".{target.name}.*.tmp"):
-            if old.is_file():
+            if old.is_file() and not temp_owner_alive(old.name):
                 old.unlink(missing_ok=True)
 
 
@@ -130,7 +130,9 @@ def copy_verified(source: str | Path, target: str | Path, *, progress: bool = Fa
                   on_chunk: Callable[[int], None] | None = None, chunk: int = CHUNK) -> CopyResult:
     """Copy a file through a temporary name, check size and sha256 read back from disk, then rename.
 
-    An identical target is left alone. The source is only read. ``on_chunk(bytes)`` is called as
+    An identical target is left alone. The source is only read. A disk without room for the copy is
+    refused before copying; one that fills up during it raises ``nbkit.io.OutOfSpaceError`` (the
+    previous target is kept, the partial copy removed). ``on_chunk(bytes)`` is called as
     data is written (a progress hook; an exception from it aborts the copy cleanly)."""
     from tqdm.auto import tqdm
 
@@ -146,7 +148,7 @@ def copy_verified(source: str | Path, target: str | Path, *, progress: bool = Fa
             return CopyResult(source, target, size, digest, False)
     _remove_stale_temps(target)
     digest = hashlib.sha256()
-    with atomic_path(target) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst, tqdm(
+    with atomic_path(target, size_hint=size) as tmp, open(source, "rb") as src, open(tmp, "wb") as dst, tqdm(
         total=size, unit="B", unit_scale=True, desc=target.name, disable=not progress
     ) as bar:
         while block := src.read(chunk):
@@ -199,14 +201,6 @@ class FolderUsage:
     path: Path
     files: int
     bytes: int
-
-
-def human_size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GB"
 
 
 def folder_usage(path: str | Path) -> FolderUsage:

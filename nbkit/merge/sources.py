@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from nbkit.formats.checkpoint_io import damaged
 from nbkit.formats.ldm_checkpoint import CONFIG_METADATA_KEY, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 from nbkit.merge.streaming import TensorSpec, read_safetensors_specs
 
@@ -62,18 +63,26 @@ class TensorSource:
         return f"{type(self).__name__}({str(self.path)!r}, {len(self.specs)} tensors)"
 
 
+def open_safetensors(path: Path):
+    """``safe_open`` of a file whose header was checked; what safetensors still refuses is named too."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as e:
+        raise damaged(path, str(e)) from None
+
+
 class SafetensorsSource(TensorSource):
     """A ``.safetensors`` file read through ``safe_open``."""
 
     kind = "safetensors"
 
     def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
         path = Path(path)
-        specs, meta = read_safetensors_specs(path)
+        specs, meta = read_safetensors_specs(path)  # DamagedCheckpointError for a cut or lying file
         super().__init__(path, specs, meta)
-        self._handle = safe_open(str(path), framework="pt", device="cpu")
+        self._handle = open_safetensors(path)
 
     def get(self, key: str) -> torch.Tensor:
         return self._handle.get_tensor(key)
@@ -111,10 +120,8 @@ class WeightFiles:
         files = self.weight_files(folder)
         for file in files:
             if file.suffix == ".safetensors":
-                from safetensors import safe_open
-
                 specs, _ = read_safetensors_specs(file)
-                handle = safe_open(str(file), framework="pt", device="cpu")
+                handle = open_safetensors(file)
                 self._where.update(dict.fromkeys(specs, handle))
                 self.specs.update(specs)
             else:

@@ -24,6 +24,8 @@ from typing import BinaryIO
 
 import torch
 
+from nbkit.formats.checkpoint_io import MAX_HEADER as MAX_HEADER  # re-exported
+from nbkit.formats.checkpoint_io import read_checked_header
 from nbkit.io import atomic_path
 
 #: safetensors dtype names <-> torch dtypes (those torch has).
@@ -39,7 +41,6 @@ _DTYPE_RANK = {name: i for i, name in enumerate(
     ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16",
      "BF16", "I32", "U32", "F32", "F64", "I64", "U64")
 )}  # fmt: skip
-MAX_HEADER = 100_000_000
 
 
 @dataclass(frozen=True)
@@ -69,26 +70,18 @@ Specs = Mapping[str, TensorSpec]
 
 
 def read_safetensors_specs(path: str | Path) -> tuple[dict[str, TensorSpec], dict[str, str]]:
-    """``({key: TensorSpec}, metadata)`` of a ``.safetensors`` file, from its header only."""
+    """``({key: TensorSpec}, metadata)`` of a ``.safetensors`` file, from its header only.
+
+    The header is checked against the file first (``DamagedCheckpointError`` for a file cut short
+    or a header that lies), so a merge never starts on a damaged input."""
     path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: too short to be a .safetensors file; is the download complete?")
-        (size,) = struct.unpack("<Q", head)
-        if size > MAX_HEADER:
-            raise ValueError(f"{path}: not a .safetensors file (header length {size})")
-        try:
-            header = json.loads(f.read(size))
-        except ValueError as e:
-            raise ValueError(f"{path}: corrupt .safetensors header ({e}); re-download or re-save the file") from e
-    meta = header.pop("__metadata__", None) or {}
+    header, meta = read_checked_header(path)
     specs = {}
     for key, info in header.items():
         if info["dtype"] not in ST_DTYPES:
             raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']}, which torch cannot hold")
         specs[key] = TensorSpec(ST_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"]))
-    return specs, dict(meta)
+    return specs, meta
 
 
 def safetensors_order(specs: Specs) -> list[str]:
@@ -144,10 +137,17 @@ class StreamingSafetensorsWriter:
         self._file: BinaryIO | None = None
         self._stack = contextlib.ExitStack()
 
+    @property
+    def size(self) -> int:
+        """Bytes of the finished file."""
+        return len(self._header) + sum(spec.nbytes for spec in self.specs.values())
+
     def __enter__(self) -> StreamingSafetensorsWriter:
-        tmp = self._stack.enter_context(atomic_path(self.path))
-        self._file = self._stack.enter_context(open(tmp, "wb"))
-        self._file.write(self._header)
+        with contextlib.ExitStack() as stack:  # a failure here (a full disk) unwinds: no temp file is left
+            tmp = stack.enter_context(atomic_path(self.path, size_hint=self.size))  # no room: refused here
+            self._file = stack.enter_context(open(tmp, "wb"))
+            self._file.write(self._header)
+            self._stack = stack.pop_all()
         return self
 
     def write(self, key: str, tensor: torch.Tensor) -> None:
@@ -202,6 +202,7 @@ def save_ckpt(tensors: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     A1111's restricted unpickler rejects the zip records torch >= 2.1 adds (``byteorder``,
     ``.data/serialization_id``; interop spec §2.4) but reads the legacy format.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    size = sum(t.numel() * t.element_size() for t in tensors.values()) + 200 * len(tensors)  # + pickle records
+    with atomic_path(path, size_hint=size) as tmp, open(tmp, "wb") as f:
         torch.save(dict(tensors), f, _use_new_zipfile_serialization=False)
     return Path(path)

@@ -77,6 +77,7 @@ def train_lora(
     run = start_run(config, hooks, device)
     accelerator, device, hooks, recorder, weight_dtype = run.accelerator, run.device, run.hooks, run.recorder, run.weight_dtype
     rng = random.Random(config.seed)
+    state_path = resolve_resume(config.resume, state_dir(config), config.output_name)  # before the model loads
 
     # ---- model: load, freeze, inject LoRA with fp32 weights
     pipeline, info = load_base(config, pipeline, model_info, weight_dtype, device)
@@ -104,7 +105,6 @@ def train_lora(
 
     # ---- resume: weights, optimizer, schedule, RNGs and the position in the epoch
     progress = Progress(run_fingerprint=_fingerprint(config, total_steps))
-    state_path = resolve_resume(config.resume, state_dir(config), config.output_name)
     if state_path:
         progress = _resume(state_path, progress.run_fingerprint, trainable, optimizer, lr_scheduler, accelerator, rng)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from nbkit.config import ConfigError
+
 STATE_FILE = "train_state.json"
 _STEP_DIR = re.compile(r"-step(\d{8})-state$")
 
@@ -64,7 +66,10 @@ def list_states(output_dir: str | Path, output_name: str) -> list[Path]:
 
 
 def resolve_resume(resume: str | None, output_dir: str | Path, output_name: str) -> Path | None:
-    """``resume`` is a state folder, or "latest"/"auto" for the newest state of this run."""
+    """``resume`` is a state folder, or "latest"/"auto" for the newest state of this run.
+
+    Cheap (no model needed), so trainers call it before loading the model; a wrong ``resume``
+    raises ``ConfigError`` naming the folder that was searched and what to do."""
     if not resume:
         return None
     if resume in ("latest", "auto"):
@@ -72,30 +77,65 @@ def resolve_resume(resume: str | None, output_dir: str | Path, output_name: str)
         if not states:
             if resume == "auto":
                 return None
-            raise FileNotFoundError(f"resume=latest: no saved state in {output_dir} for {output_name}: start without resume")
+            raise ConfigError(f"resume = latest: no saved state of '{output_name}' in {output_dir} yet"
+                              f"{_other_states(output_dir)}. States (<output_name>-stepNNNNNNNN-state folders) are "
+                              "written at each save while save_state is on. Start without --resume, use "
+                              "--resume auto (resume only if a state exists), or set output_dir / output_state_dir "
+                              "/ output_name to those of the run you want to continue.")
         return states[-1]
     path = Path(resume).expanduser()
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"resume: {path} is not a state folder (no {STATE_FILE}): pass a *-state folder or 'latest'")
+        what = "no such folder" if not path.exists() else f"no {STATE_FILE} in it"
+        latest = list_states(output_dir, output_name)
+        hint = f" (the newest state of this run is {latest[-1]})" if latest else ""
+        raise ConfigError(f"resume = {path}: not a state folder ({what}): pass a <output_name>-stepNNNNNNNN-state "
+                          f"folder{hint}, or 'latest' for the newest state of this run in {output_dir}.")
     return path
 
 
+def _other_states(output_dir: str | Path) -> str:
+    folder = Path(output_dir)
+    names = sorted({m.group(1) for p in (folder.glob("*-step*-state") if folder.is_dir() else [])
+                    if (m := re.match(r"(.+)-step\d{8}-state$", p.name)) and (p / STATE_FILE).is_file()})
+    return f" (it holds states of {', '.join(repr(n) for n in names)}: set output_name to one of them)" if names else ""
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of every tensor in a (nested) state dict."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _torch_save(obj, path: Path) -> None:
+    """``torch.save`` through a Python file, so a full disk surfaces as ENOSPC (with a path, torch's C++
+    writer reports only 'unexpected pos')."""
+    with open(path, "wb") as fh:
+        torch.save(obj, fh)
+
+
 def save_state(path: Path, params: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler, progress: Progress) -> Path:
-    """Write a state folder atomically (temp folder, then rename)."""
+    """Write a state folder atomically (temp folder, then rename); the free space is checked first."""
     from safetensors.torch import save_file
 
     from nbkit.io import atomic_dir
 
-    with atomic_dir(path) as tmp:
+    optimizer_state = optimizer.state_dict()
+    needed = _tensor_bytes(dict(params)) + _tensor_bytes(optimizer_state) + (64 << 10)  # + RNGs, schedule, JSON
+    with atomic_dir(path, size_hint=needed) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in params.items()}, str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
+        _torch_save(optimizer_state, tmp / "optimizer.pt")
+        _torch_save(lr_scheduler.state_dict(), tmp / "scheduler.pt")
         if scaler is not None:
-            torch.save(scaler.state_dict(), tmp / "scaler.pt")
+            _torch_save(scaler.state_dict(), tmp / "scaler.pt")
         rngs = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rngs["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rngs, tmp / "rng.pt")
+        _torch_save(rngs, tmp / "rng.pt")
         (tmp / STATE_FILE).write_text(json.dumps(asdict(progress)))
     return path
 

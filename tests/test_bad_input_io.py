@@ -368,6 +368,7 @@ def _run_file(tmp_path, model_dir) -> Path:
 def no_model_load(monkeypatch):
     """Loading a model is an error: the checks must come first."""
     import nbkit.models.load
+    import nbkit.train.dreambooth
     import nbkit.train.lora
     import nbkit.train.lora_setup
 
@@ -377,11 +378,13 @@ def no_model_load(monkeypatch):
     monkeypatch.setattr(nbkit.models.load, "load_pipeline", refuse)
     monkeypatch.setattr(nbkit.train.lora_setup, "load_base", refuse)
     monkeypatch.setattr(nbkit.train.lora, "load_base", refuse)
+    monkeypatch.setattr(nbkit.train.dreambooth, "load_base", refuse)
 
 
-def test_resume_latest_without_a_state_is_a_message_before_the_model_loads(tmp_path, no_model_load, capsys):
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_resume_latest_without_a_state_is_a_message_before_the_model_loads(method, tmp_path, no_model_load, capsys):
     run = _run_file(tmp_path, tmp_path / "no-model-needed")
-    assert main(["train", "lora", "--config", str(run), "--resume", "latest"]) == 2
+    assert main(["train", method, "--config", str(run), "--resume", "latest"]) == 2
     err = capsys.readouterr().err
     no_traceback(err)
     assert str(tmp_path / "out") in err and "mine" in err and "resume" in err

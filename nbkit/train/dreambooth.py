@@ -91,6 +91,7 @@ def train_dreambooth(
     accelerator, device, main, hooks, recorder = run.accelerator, run.device, run.main, run.hooks, run.recorder
     weight_dtype = run.weight_dtype
     rng = random.Random(config.seed)
+    resolve_resume(config.resume, state_dir(config), config.output_name)  # a bad resume fails before the model loads
     pipeline, info = _load(config, pipeline, model_info, weight_dtype, device)
     datasets = prepare_class_images(config, datasets, pipeline, device, main, accelerator.wait_for_everyone)
     unet, text_encoder, vae, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.vae, pipeline.tokenizer

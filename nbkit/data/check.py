@@ -18,22 +18,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbkit.data.dataset_config import DatasetSpec, SubsetSpec, load_dataset_config
-from nbkit.data.image_checks import ERROR, FIXABLE, WARNING, ImageCheck, Problem, check_image, read_text_tolerant
+from nbkit.data.caption_checks import CaptionCheck, check_caption, long_caption_problem
+from nbkit.data.dataset_config import DatasetSpec, SubsetSpec, kohya_subdirs, load_dataset_config
+from nbkit.data.image_checks import ERROR, FIXABLE, WARNING, ImageCheck, Problem, check_image
 from nbkit.data.images import IMAGE_EXTENSIONS, DatasetError
 from nbkit.data.safe_extract import CAPTION_EXTENSIONS, OTHER_IMAGE_EXTENSIONS
 from nbkit.project import Project
 
 MAX_SIDE = 3000
-
-
-@dataclass
-class CaptionCheck:
-    path: Path  # the caption file kohya would read (it may not exist)
-    status: str  # "found", "missing" or "empty"
-    text: str | None = None
-    encoding: str | None = None
-    problems: list[Problem] = field(default_factory=list)
 
 
 @dataclass
@@ -76,41 +68,6 @@ class SubsetReport:
         return out
 
 
-def check_caption(image: Path, extension: str, class_tokens: str | None) -> CaptionCheck:
-    """The caption kohya would read for ``image``: missing, empty, encoding, extra lines."""
-    path = image.with_suffix(extension)
-    fallback = f"it trains with the class tokens '{class_tokens}'" if class_tokens else None
-    stop = ("training stops here: write the caption (e.g. with `nbkit tag`), or set class_tokens for this subset "
-            "(a folder named like '10_sks dog')")
-    if not path.is_file():
-        check = CaptionCheck(path, "missing")
-        if not fallback:
-            check.problems.append(Problem(image, ERROR, "no-caption", f"has no caption file {path.name} and the "
-                                          "subset has no class_tokens", stop))
-        return check
-    text, encoding = read_text_tolerant(path)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    check = CaptionCheck(path, "found" if lines else "empty", text, encoding)
-    if encoding not in ("utf-8", "utf-8-sig"):
-        sample = next((w for w in text.split() if any(ord(c) > 127 for c in w)), "")
-        seen = f" (read as {encoding}: '{sample}')" if sample else ""
-        check.problems.append(Problem(path, FIXABLE, "encoding", f"is not UTF-8 text{seen}; training stops with an "
-                                      "encoding error", "re-save it as UTF-8 in a text editor; the --fix-to copy is "
-                                      "re-encoded as UTF-8"))
-    elif encoding == "utf-8-sig":
-        check.problems.append(Problem(path, FIXABLE, "bom", "starts with an invisible byte-order mark that becomes "
-                                      "part of the first tag", "re-save it as UTF-8 without BOM; the --fix-to copy has "
-                                      "none"))
-    if not lines:
-        check.problems.append(Problem(path, WARNING if fallback else ERROR, "empty-caption", "is empty",
-                                      f"write the caption; until then {fallback}" if fallback else stop))
-    elif len(lines) > 1:
-        check.problems.append(Problem(path, WARNING, "multi-line", f"has {len(lines)} lines; only the first is used "
-                                      "(enable_wildcard picks one at random)", "join the lines with ', ' if they "
-                                      "are all tags of this image"))
-    return check
-
-
 def _folder_problems(sub: SubsetSpec, images: list[Path], files: list[Path]) -> list[Problem]:
     folder, out = sub.image_dir, []
     if not images:
@@ -138,8 +95,9 @@ def _folder_problems(sub: SubsetSpec, images: list[Path], files: list[Path]) -> 
 
 
 def check_subset(sub: SubsetSpec, resolution: tuple[int, int], max_side: int = MAX_SIDE,
-                 progress=None) -> SubsetReport:
-    """Check every file of one subset folder (only that folder, as kohya reads it)."""
+                 progress=None, max_token_length: int | None = None) -> SubsetReport:
+    """Check every file of one subset folder (only that folder, as kohya reads it); captions longer
+    than ``max_token_length`` CLIP tokens (75 when None) are reported with how many are cut."""
     report = SubsetReport(sub)
     if not sub.image_dir.is_dir():
         report.problems.append(Problem(sub.image_dir, ERROR, "missing-folder", "does not exist",
@@ -148,8 +106,11 @@ def check_subset(sub: SubsetSpec, resolution: tuple[int, int], max_side: int = M
     files = sorted(p for p in sub.image_dir.iterdir() if p.is_file() and not p.name.startswith("."))
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     for path in images:
-        report.files.append(FileReport(check_image(path, resolution, max_side),
-                                       check_caption(path, sub.caption_extension, sub.class_tokens)))
+        caption = check_caption(path, sub.caption_extension, sub.class_tokens)
+        long = long_caption_problem(caption, sub.caption_prefix, sub.caption_suffix, sub.enable_wildcard,
+                                    max_token_length)
+        caption.problems += [long] if long else []
+        report.files.append(FileReport(check_image(path, resolution, max_side), caption))
         if progress:
             progress.update(1)
     for path in files:
@@ -356,12 +317,36 @@ def load_datasets(source: Project | str | Path | list[DatasetSpec], resolution: 
         return load_dataset_config(source.dataset_toml, defaults), source, source.dataset_toml
     path = Path(source).expanduser()
     if path.is_dir():
-        kohya = parse_kohya_folder_name(path.name)
-        sub = SubsetSpec(image_dir=path, class_tokens=kohya.class_tokens, num_repeats=kohya.repeats,
-                         caption_extension=detect_caption_extension(path))
+        layout = _train_data_dir(path)
+        if layout is not None:  # kohya's train_data_dir: one subset per 'N_name' subfolder
+            subsets = [SubsetSpec(image_dir=folder, class_tokens=tokens, num_repeats=repeats,
+                                  caption_extension=detect_caption_extension(folder))
+                       for folder, repeats, tokens in layout[0]]
+        else:
+            kohya = parse_kohya_folder_name(path.name)
+            subsets = [SubsetSpec(image_dir=path, class_tokens=kohya.class_tokens, num_repeats=kohya.repeats,
+                                  caption_extension=detect_caption_extension(path))]
         return [DatasetSpec(resolution=(defaults["resolution"],) * 2, batch_size=defaults["batch_size"],
-                            subsets=[sub])], None, None
+                            subsets=subsets)], None, None
     return load_dataset_config(path, defaults), None, path
+
+
+def _train_data_dir(path: Path):
+    """``kohya_subdirs(path)`` when ``path`` is laid out as kohya's train_data_dir (no images of its own,
+    at least one ``N_name`` subfolder), else None."""
+    if any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in path.iterdir()):
+        return None
+    found, ignored = kohya_subdirs(path)
+    return (found, ignored) if found else None
+
+
+def _ignored_folders(source) -> list[Problem]:
+    """The subfolders kohya would skip in a train_data_dir given to the check."""
+    path = Path(source).expanduser() if isinstance(source, (str, Path)) else None
+    layout = _train_data_dir(path) if path is not None and path.is_dir() else None
+    return [Problem(folder, WARNING, "ignored-folder", f"is not trained: it {why}",
+                    "rename it to '<repeats>_<class tokens>' (e.g. '10_sks dog') to train it, or move it out")
+            for folder, why in (layout[1] if layout else [])]
 
 
 def check_dataset(
@@ -374,11 +359,14 @@ def check_dataset(
     max_side: int = MAX_SIDE,
     seed: int = 0,
     progress: bool = True,
+    max_token_length: int | None = None,
 ) -> DatasetReport:
-    """Check a project (its ``dataset.toml``), a dataset TOML, a folder, or resolved specs.
+    """Check a project (its ``dataset.toml``), a dataset TOML, a folder (of images, or kohya's
+    train_data_dir with ``N_name`` subfolders), or resolved specs.
 
     ``batch_size`` None uses each dataset's own batch size, as the trainer does; ``resolution``
-    is the default for datasets that do not set one. Only reads files.
+    is the default for datasets that do not set one; captions longer than ``max_token_length``
+    (the run's option: 75, 150 or 225; None is 75) are reported. Only reads files.
     """
     from tqdm.auto import tqdm
 
@@ -390,8 +378,9 @@ def check_dataset(
     with tqdm(total=total, desc="checking images", unit="img", disable=not progress) as bar:
         for ds in datasets:
             for sub in ds.subsets:
-                report.subsets.append(check_subset(sub, ds.resolution, max_side, bar))
+                report.subsets.append(check_subset(sub, ds.resolution, max_side, bar, max_token_length))
     if project is not None:
         report.extra_problems = _project_problems(project, datasets)
+    report.extra_problems += _ignored_folders(source)
     count_steps(report, seed)
     return report

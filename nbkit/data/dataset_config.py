@@ -8,7 +8,9 @@ rather than silently ignored, so a run never trains differently from what the fi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import math
+import warnings
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,9 +140,56 @@ def _dataset_spec(merged: dict[str, Any], source: str, where: str) -> DatasetSpe
         raise ConfigError(
             f"{source}: {where}: resize_interpolation {spec.resize_interpolation!r}: use one of {', '.join(INTERPOLATIONS)}"
         )
-    if spec.enable_bucket and (spec.min_bucket_reso % spec.bucket_reso_steps or spec.max_bucket_reso % spec.bucket_reso_steps):
-        raise ConfigError(f"{source}: {where}: min/max_bucket_reso must be multiples of bucket_reso_steps")
-    return spec
+    if spec.batch_size < 1:
+        raise ConfigError(f"{source}: {where}: batch_size = {spec.batch_size}: images per step must be at least 1; "
+                          "set batch_size = 1 (or 2 on a T4 at 512 px)")
+    return _on_bucket_grid(spec, f"{source}: {where}")
+
+
+def _on_bucket_grid(spec: DatasetSpec, at: str) -> DatasetSpec:
+    """The resolution and bucket limits on the ``bucket_reso_steps`` grid, as kohya puts them there."""
+    step, (width, height) = spec.bucket_reso_steps, spec.resolution
+    if step < 1 or (spec.enable_bucket and step % 64):
+        # kohya train_network.py::assert_extra_args -> train_util.py::verify_bucket_reso_steps(64) for SD1/SD2
+        raise ConfigError(f"{at}: bucket_reso_steps = {step}: SD's latent grid needs a multiple of 64; "
+                          "set bucket_reso_steps = 64")
+    if min(width, height) < step:
+        raise ConfigError(f"{at}: resolution {width}x{height} is smaller than bucket_reso_steps {step}: set "
+                          "resolution = 512 (SD1.x, SD2.x-base) or 768 (SD2.x-v)")
+    if width % step or height % step:
+        if spec.enable_bucket:  # kohya model_util.py::make_bucket_resolutions floors every bucket to the grid
+            side = int(math.sqrt(width * height) // step) * step
+            warnings.warn(f"{at}: resolution {width}x{height} is not a multiple of bucket_reso_steps {step}: the "
+                          f"buckets are (kohya's make_bucket_resolutions); the largest square bucket is {side}x{side}",
+                          stacklevel=3)
+        else:  # the single fixed bucket, floored as kohya floors its buckets (BucketManager.round_to_steps)
+            width, height = width - width % step, height - height % step
+            warnings.warn(f"{at}: resolution {spec.resolution[0]}x{spec.resolution[1]} is not a multiple of "
+                          f"bucket_reso_steps {step}: training at {width}x{height}, as kohya's buckets are floored; "
+                          f"set resolution = [{width}, {height}] to silence this note", stacklevel=3)
+    if not spec.enable_bucket:
+        return replace(spec, resolution=(width, height))
+    return _bucket_limits(spec, at)
+
+
+def _bucket_limits(spec: DatasetSpec, at: str) -> DatasetSpec:
+    """kohya train_util.py::BaseDataset.adjust_min_max_bucket_reso_by_steps: min floored, max raised to the
+    grid (with a warning), then the resolution must lie between them."""
+    step, low, high = spec.bucket_reso_steps, spec.min_bucket_reso, spec.max_bucket_reso
+    new_low, new_high = low - low % step, high + (step - high % step) % step
+    changed = [f"{name} {old} -> {new}" for name, old, new in
+               (("min_bucket_reso", low, new_low), ("max_bucket_reso", high, new_high)) if old != new]
+    if changed:
+        warnings.warn(f"{at}: adjusted to multiples of bucket_reso_steps {step}, as kohya does: {', '.join(changed)}",
+                      stacklevel=4)
+    resolution = "x".join(map(str, spec.resolution))
+    if max(spec.resolution) > new_high:
+        raise ConfigError(f"{at}: max_bucket_reso {new_high} is below the resolution {resolution}: set "
+                          f"max_bucket_reso = {max(1024, max(spec.resolution))} or lower the resolution")
+    if min(spec.resolution) < new_low:
+        raise ConfigError(f"{at}: min_bucket_reso {new_low} is above the resolution {resolution}: set "
+                          f"min_bucket_reso = {min(256, min(spec.resolution) // step * step)} or raise the resolution")
+    return replace(spec, min_bucket_reso=new_low, max_bucket_reso=new_high)
 
 
 def _subset_spec(values: dict[str, Any], base_dir: Path, source: str, where: str) -> SubsetSpec:
@@ -166,6 +215,44 @@ def _subset_spec(values: dict[str, Any], base_dir: Path, source: str, where: str
     if sub.num_repeats < 1:
         raise ConfigError(f"{source}: {where}: num_repeats must be at least 1")
     return sub
+
+
+def kohya_subdirs(root: Path) -> tuple[list[tuple[Path, int, str | None]], list[tuple[Path, str]]]:
+    """kohya's reading of a ``train_data_dir`` (config_util.py::generate_dreambooth_subsets_config_by_subdirs):
+    every subfolder ``N_tokens`` is a subset with ``N`` repeats and class tokens ``tokens``. Returns
+    ``([(folder, repeats, class_tokens)], [(ignored folder, why)])``: a name whose part before the first
+    ``_`` is not a number is ignored ("ignore directory without repeats"), and so is ``N < 1``
+    (kohya skips it silently; it is never read as 1 repeat). Hidden folders (backups) are left out."""
+    found, ignored = [], []
+    for folder in sorted(p for p in Path(root).iterdir() if p.is_dir() and not p.name.startswith(".")):
+        head, _, tokens = folder.name.partition("_")
+        try:
+            repeats = int(head)
+        except ValueError:
+            ignored.append((folder, "has no repeat count (kohya: 'ignore directory without repeats')"))
+            continue
+        if repeats < 1:
+            ignored.append((folder, f"has {repeats} repeats (kohya trains only N >= 1)"))
+            continue
+        found.append((folder, repeats, tokens.strip() or None))
+    return found, ignored
+
+
+def kohya_subdir_subsets(root: Path, is_reg: bool = False, caption_extension: str | None = None) -> list[SubsetSpec]:
+    """The subsets of a kohya ``train_data_dir`` (or ``reg_data_dir``), warning about each ignored
+    folder as kohya does; the caption extension is detected per folder unless given."""
+    from nbkit.data.importer import detect_caption_extension
+
+    found, ignored = kohya_subdirs(root)
+    for folder, why in ignored:
+        warnings.warn(f"{folder}: ignored: it {why}; rename it to '<repeats>_<class tokens>' to train it",
+                      stacklevel=2)
+    subsets = []
+    for folder, repeats, tokens in found:
+        ext = caption_extension or detect_caption_extension(folder)
+        subsets.append(SubsetSpec(image_dir=folder, class_tokens=tokens, num_repeats=repeats, is_reg=is_reg,
+                                  caption_extension=ext if ext.startswith(".") else "." + ext))
+    return subsets
 
 
 def load_dataset_config(path: str | Path, defaults: dict[str, Any] | None = None) -> list[DatasetSpec]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from nbkit.config import ConfigError
 from nbkit.formats.ldm_checkpoint import (
     CONFIG_METADATA_KEY,
     SD1_TE_PREFIX,
@@ -44,6 +45,11 @@ from nbkit.models.download import (
 logger = logging.getLogger(__name__)
 
 SD2_BASE_GLOBAL_STEP = "875000"  # global_step of Stability's 512-base-ema.ckpt (SD2.0-base, epsilon)
+
+
+class ModelNotFoundError(ConfigError, FileNotFoundError):
+    """The base model named by the user is not there: a message for ``nbkit`` (a ConfigError) that
+    callers catching ``FileNotFoundError`` still catch."""
 
 
 @dataclass
@@ -101,9 +107,9 @@ def detect_v2(shapes: dict[str, tuple[int, ...]], path: str | Path) -> bool:
     """SD2 (OpenCLIP text encoder) vs SD1 (CLIP-L) from an original-layout file's keys."""
     keys = shapes.keys()
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ValueError(f"{path}: SDXL is not supported yet (found conditioner.embedders.* keys); use an SD1.x/SD2.x model")
+        raise ConfigError(f"{path}: SDXL is not supported yet (found conditioner.embedders.* keys); use an SD1.x/SD2.x model")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: no model.diffusion_model.* keys, so not an SD1/SD2 checkpoint "
             "(a LoRA, VAE, embedding or another architecture?)"
         )
@@ -112,11 +118,11 @@ def detect_v2(shapes: dict[str, tuple[int, ...]], path: str | Path) -> bool:
     if any(k.startswith(SD1_TE_PREFIX + "text_model.") for k in keys):
         return False
     if any(k.startswith(SD1_TE_PREFIX) for k in keys):
-        raise ValueError(
+        raise ConfigError(
             f"{path}: old text-encoder layout (cond_stage_model.transformer.* without text_model.) that "
             "diffusers cannot read; re-save the checkpoint with A1111 or kohya, or pass a diffusers folder"
         )
-    raise ValueError(f"{path}: no text encoder (cond_stage_model.*) in the file; nbkit needs a full checkpoint")
+    raise ConfigError(f"{path}: no text encoder (cond_stage_model.*) in the file; nbkit needs a full checkpoint")
 
 
 def _prediction_from_metadata(meta: dict[str, str]) -> bool | None:
@@ -142,6 +148,36 @@ def _pipeline_is_v2(pipe: Any) -> bool:
     if act in ("gelu", "quick_gelu"):
         return act == "gelu"
     return int(pipe.unet.config.cross_attention_dim) == 1024
+
+
+# ----------------------------------------------------------------------------- U-Net input check
+
+FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
+_UNET_KINDS = {9: "an inpainting model", 8: "an instruct-pix2pix model"}
+
+
+def check_text_to_image(in_channels: int | None, path: str | Path) -> None:
+    """Refuse a U-Net that does not take the 4 latent channels of a text-to-image model: inpainting
+    (9 = latents + masked-image latents + mask) and instruct-pix2pix (8) models cannot be trained or
+    sampled as text-to-image models. Read from the header or config, before anything is built."""
+    if in_channels is None or in_channels == 4:
+        return
+    kind = _UNET_KINDS.get(in_channels, "not a text-to-image model")
+    raise ConfigError(
+        f"{path}: {kind} ({in_channels} input channels in the U-Net's first convolution; a text-to-image model "
+        "has 4): inpainting and instruct-pix2pix models aren't supported for training or previews; use the base "
+        "model it was made from (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 instead of "
+        "stable-diffusion-v1-5/stable-diffusion-inpainting); a LoRA trained on the base model also works with its "
+        "inpainting version"
+    )
+
+
+def _folder_in_channels(folder: Path) -> int | None:
+    config = folder / "unet" / "config.json"
+    try:
+        return int(json.loads(config.read_text()).get("in_channels", 4))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return None  # diffusers reports a missing or broken config itself
 
 
 # ----------------------------------------------------------------------------- shape check
@@ -186,7 +222,7 @@ def check_shapes(path: str | Path, shapes: dict[str, tuple[int, ...]], config_di
         problems.append(f"{len(wrong)} tensor shape(s) differ, e.g. {'; '.join(wrong[:3])}")
     if missing:
         problems.append(f"{len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
-    raise ValueError(
+    raise ConfigError(
         f"{path} does not fit the {how} config {config_dir}: {' and '.join(problems)}. "
         "Pass config_dir=<a diffusers model folder with matching unet/vae/text_encoder configs> "
         "(e.g. the diffusers version of the model it was fine-tuned from)"
@@ -207,7 +243,7 @@ def _check_loaded(pipe: Any, path: str | Path) -> None:
         module = getattr(pipe, name)
         bad = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
         if bad:
-            raise ValueError(f"{path}: {name} weights missing from the file (e.g. {bad[:3]}); is it a full checkpoint?")
+            raise ConfigError(f"{path}: {name} weights missing from the file (e.g. {bad[:3]}); is it a full checkpoint?")
 
 
 def _pipeline_kwargs(torch_dtype: torch.dtype) -> dict:
@@ -220,14 +256,17 @@ def _pipeline_kwargs(torch_dtype: torch.dtype) -> dict:
     }
 
 
-def _load_folder(folder: Path, v2: bool | None, v_param: bool | None, torch_dtype: torch.dtype, info: dict):
+def _load_folder(folder: Path, v2: bool | None, v_param: bool | None, torch_dtype: torch.dtype, info: dict,
+                 text_to_image: bool = True):
     from diffusers import StableDiffusionPipeline
 
     if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"{folder}: a folder without model_index.json is not a diffusers model; pass a diffusers "
             "model folder or a single .safetensors/.ckpt file"
         )
+    if text_to_image:
+        check_text_to_image(_folder_in_channels(folder), folder)
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), **_pipeline_kwargs(torch_dtype))
     notes = []
     detected_v2 = _pipeline_is_v2(pipe)
@@ -245,7 +284,7 @@ def _choose_config(path: Path, meta: dict, config_dir: str | None, cache_dir: st
     if config_dir is not None:
         folder = Path(config_dir)
         if not (folder / "model_index.json").is_file():
-            raise FileNotFoundError(f"config_dir {folder}: no model_index.json there; pass a diffusers model folder")
+            raise ModelNotFoundError(f"config_dir {folder}: no model_index.json there; pass a diffusers model folder")
         return folder, "config_dir"
     if CONFIG_METADATA_KEY in meta:
         return config_dir_from_payload(meta[CONFIG_METADATA_KEY], cache_dir), "embedded"
@@ -273,11 +312,15 @@ def _single_file_prediction(v2: bool, meta: dict, folder: Path | None, notes: li
 
 
 def _load_single_file(
-    path: Path, v2: bool | None, v_param: bool | None, config_dir: str | None, torch_dtype, cache_dir, info: dict
+    path: Path, v2: bool | None, v_param: bool | None, config_dir: str | None, torch_dtype, cache_dir, info: dict,
+    text_to_image: bool = True,
 ):
     from diffusers import StableDiffusionPipeline
 
     shapes, meta = inspect_single_file(path)
+    first_conv = shapes.get(FIRST_CONV)
+    if text_to_image and first_conv is not None and len(first_conv) == 4:
+        check_text_to_image(first_conv[1], path)
     notes: list[str] = []
     detected_v2 = detect_v2(shapes, path)
     if v2 is not None and v2 != detected_v2:
@@ -312,7 +355,7 @@ def resolve(name: str, cache_dir: str | None = None) -> tuple[str, Path]:
         return "url", download_url(name, cache_dir)
     if REPO_ID.match(name) and not name.lower().endswith((".safetensors", ".ckpt")):
         return "hub", hub_snapshot(name, cache_dir)
-    raise FileNotFoundError(
+    raise ModelNotFoundError(
         f"{name}: not a local file or folder, an https:// URL, or a Hugging Face repo id like "
         "'stabilityai/stable-diffusion-2-1-base'"
     )
@@ -326,16 +369,19 @@ def load_pipeline(
     config_dir: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     cache_dir: str | None = None,
+    text_to_image: bool = True,
 ):
     """Load an SD1.x/SD2.x ``StableDiffusionPipeline`` (no safety checker); return ``(pipe, ModelInfo)``.
 
     ``v2``/``v_parameterization`` override detection. ``config_dir`` is the diffusers folder used for
     a single file's configs and tokenizer. ``cache_dir`` is the Hugging Face cache for repo ids and
     the root for URL downloads and rebuilt config folders (default ``~/.cache/nbkit``).
+    ``text_to_image`` (default) refuses inpainting / instruct-pix2pix U-Nets with a :class:`ConfigError`
+    before anything is built; a converter that only copies weights may pass False.
     """
     name = os.fspath(pretrained_model_name_or_path)
     kind, path = resolve(name, cache_dir)
     info = {"source": kind, "name": name}
     if path.is_dir():
-        return _load_folder(path, v2, v_parameterization, torch_dtype, info)
-    return _load_single_file(path, v2, v_parameterization, config_dir, torch_dtype, cache_dir, info)
+        return _load_folder(path, v2, v_parameterization, torch_dtype, info, text_to_image)
+    return _load_single_file(path, v2, v_parameterization, config_dir, torch_dtype, cache_dir, info, text_to_image)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -73,7 +74,8 @@ class Edit:
         names, globs, regexes = ops.as_tags(names), list(globs), list(regexes)
         if not (names or globs or regexes):
             raise ValueError("remove: give tag names, globs or regexes")
-        ops.tag_matcher(regexes=regexes)  # compile now: a bad pattern fails before any file is read
+        for regex in regexes:  # compile now: a bad pattern fails before any file is read
+            _compile(regex, f"remove: --regex {regex!r}", "or use --glob for shell patterns like '*hair'")
         what = ", ".join([*names, *globs, *(f"/{r}/" for r in regexes)])
         return Edit._fixed(f"remove {what}", functools.partial(ops.remove_tags, names=names, globs=globs, regexes=regexes))
 
@@ -86,10 +88,22 @@ class Edit:
         return Edit._fixed(f"replace ({mode}) {ops.join_tags(old)} -> {ops.join_tags(new) or 'nothing'}", fn)
 
     @staticmethod
-    def substitute(pattern: str, repl: str) -> Edit:
-        """Regular-expression substitution inside every tag (e.g. ``"_"`` -> ``" "``)."""
-        ops.tag_matcher(regexes=[pattern])
-        return Edit._fixed(f"substitute /{pattern}/ -> {repl!r}", functools.partial(ops.substitute, pattern=pattern, repl=repl))
+    def substitute(pattern: str, repl: str, literal: bool = False) -> Edit:
+        """Regular-expression substitution inside every tag (e.g. ``"_"`` -> ``" "``); ``literal``
+        replaces the plain text ``pattern`` by the plain text ``repl``. Both are checked before any
+        file is read."""
+        label = f"substitute {pattern!r} -> {repl!r}" if literal else f"substitute /{pattern}/ -> {repl!r}"
+        if literal:
+            pattern, repl = re.escape(pattern), repl.replace("\\", "\\\\")
+        compiled = _compile(pattern, f"sub: the pattern {pattern!r}",
+                            "or add --literal (literal=True) to replace plain text")
+        try:
+            compiled.sub(repl, "")  # parses the replacement's group references now
+        except (re.error, IndexError) as err:
+            raise ValueError(f"sub: the replacement {repl!r} is not valid ({err}): a backslash starts a group "
+                             "reference such as \\1 or \\g<name>; escape it as \\\\, or add --literal "
+                             "(literal=True) to insert plain text") from None
+        return Edit._fixed(label, functools.partial(ops.substitute, pattern=pattern, repl=repl))
 
     @staticmethod
     def dedupe() -> Edit:
@@ -102,6 +116,15 @@ class Edit:
             raise ValueError(f"sort by must be one of {', '.join(ops.SORT_KEYS)}, not {by!r}")
         label = f"sort by {by}" + (f" (first {keep} kept)" if keep else "")
         return Edit(label, lambda counts: functools.partial(ops.sort_tags, by=by, counts=counts, keep=keep))
+
+
+def _compile(pattern: str, what: str, other: str) -> re.Pattern:
+    """``re.compile``, or a ValueError naming the argument and the fix."""
+    try:
+        return re.compile(pattern)
+    except re.error as err:
+        raise ValueError(f"{what} is not a valid regular expression ({err}): escape special characters "
+                         f"such as ( ) [ ] * + ? with a backslash (e.g. '\\(' for a literal '('), {other}") from None
 
 
 @dataclass

@@ -6,9 +6,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
-from nbkit.config import help_
+from nbkit.config import ConfigError, help_
+
+#: where a value came from, for messages: a fixed label ("run.toml") or a function of the option name
+Where = str | Callable[[str], str]
 
 PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
@@ -154,6 +159,41 @@ class TrainConfig:
     seed: int = field(default=42, metadata=help_("Random seed for noise, timesteps and shuffling."))
     max_data_loader_n_workers: int = field(default=0, metadata=help_("Threads decoding images while the VAE encodes (Colab has 2 vCPUs: 0-2).", "advanced"))
 
+    def checked(self, where: Where = "config"):
+        """This config, or a :class:`ConfigError` naming the option and the fix, for values no run can
+        train with. Run while a config is read and first by the trainers' checks: before any model
+        loads. Subclasses add their own options (and may return a copy adjusted as kohya does)."""
+        check_at_least(self, where, "train_batch_size", 1, "images per step: set train_batch_size = 1 (or 2 on a T4 "
+                                                          "at 512 px)")
+        check_at_least(self, where, "gradient_accumulation_steps", 1, "set gradient_accumulation_steps = 1 (no "
+                                                                     "accumulation)")
+        if self.max_train_epochs is not None:
+            check_at_least(self, where, "max_train_epochs", 1, "set max_train_epochs = 10, or remove it to train "
+                                                              "max_train_steps steps")
+        else:
+            check_at_least(self, where, "max_train_steps", 1, "the number of optimizer steps: set max_train_steps = "
+                                                             "1600, or set max_train_epochs instead")
+        # the size against the bucket grid is checked where the datasets are made (dataset_config.py)
+        check_at_least(self, where, "resolution", 1, "set resolution = 512 (SD1.x, SD2.x-base) or 768 (SD2.x-v)")
+        return self
+
+
+def config_error(where: Where, name: str, value, fix: str) -> ConfigError:
+    """``<where>: <name> = <value>: <fix>`` (``where`` may depend on the option: file or flag)."""
+    return ConfigError(f"{_place(where, name)}: {name} = {value!r}: {fix}")
+
+
+def check_at_least(config, where: Where, name: str, minimum: float, fix: str) -> None:
+    value = getattr(config, name)
+    if value is not None and value < minimum:
+        raise config_error(where, name, value, f"must be at least {minimum}; {fix}")
+
+
+def check_positive_rate(config, where: Where, name: str, fix: str, allow_zero: bool = False) -> None:
+    value = getattr(config, name)
+    if value is not None and (value < 0 or (value == 0 and not allow_zero)):
+        raise config_error(where, name, value, f"a learning rate must be positive; {fix}")
+
 
 @dataclass
 class LoRATrainConfig(TrainConfig):
@@ -181,3 +221,48 @@ class LoRATrainConfig(TrainConfig):
     @property
     def train_text_encoder(self) -> bool:
         return not self.network_train_unet_only
+
+    def checked(self, where: Where = "config") -> LoRATrainConfig:
+        """Also the rank and the learning rates. A part whose rate is 0 is not trained, as in kohya
+        (networks/lora.py ``LoRANetwork.prepare_optimizer_params``: "NO LR skipping!"): a copy with
+        network_train_unet_only / network_train_text_encoder_only set is returned, with a note."""
+        super().checked(where)
+        check_at_least(self, where, "network_dim", 1, "it is the LoRA rank: set network_dim = 16 (8-32 for a "
+                                                     "character or style)")
+        check_at_least(self, where, "conv_dim", 0, "set conv_dim = 4 for LoCon, or remove it")
+        check_positive_rate(self, where, "learning_rate", "set learning_rate = 1e-4 (a typical LoRA rate)", True)
+        for part, name in _PART_NAMES.items():
+            check_positive_rate(self, where, f"{part}_lr", f"set {part}_lr = 1e-4, or remove it to use "
+                                                           f"learning_rate (0 trains no {name} LoRA, as in kohya)", True)
+        if self.network_train_unet_only and self.network_train_text_encoder_only:
+            raise ConfigError(f"{_place(where, 'network_train_unet_only')}: network_train_unet_only and "
+                              "network_train_text_encoder_only are both true: nothing to train; keep one")
+        return self._without_zero_rate_parts(where)
+
+    def _without_zero_rate_parts(self, where: Where) -> LoRATrainConfig:
+        rates = {"unet": self.learning_rate if self.unet_lr is None else self.unet_lr,
+                 "text_encoder": self.learning_rate if self.text_encoder_lr is None else self.text_encoder_lr}
+        trains = {"unet": self.train_unet, "text_encoder": self.train_text_encoder}
+        zero = [part for part in rates if trains[part] and rates[part] == 0]
+        if not zero:
+            return self
+        if len(zero) == sum(trains.values()):
+            names = [f"{part}_lr" if getattr(self, f"{part}_lr") is not None else "learning_rate" for part in zero]
+            shown = " and ".join(f"{n} = 0" for n in dict.fromkeys(names))
+            raise ConfigError(f"{_place(where, names[0])}: {shown}: nothing to train; set learning_rate = 1e-4 "
+                              "(a typical LoRA rate)")
+        part = zero[0]
+        name = f"{part}_lr" if getattr(self, f"{part}_lr") is not None else "learning_rate"
+        other = {"unet": "text_encoder", "text_encoder": "unet"}[part]
+        flag = f"network_train_{other}_only"
+        warnings.warn(f"{_place(where, name)}: {name} = 0 leaves the {_PART_NAMES[part]} LoRA untrained, as in "
+                      f"kohya: training only the {_PART_NAMES[other]} ({flag} = true); set {flag} = true to say so",
+                      stacklevel=2)
+        return replace(self, **{flag: True})
+
+
+_PART_NAMES = {"unet": "U-Net", "text_encoder": "text encoder"}
+
+
+def _place(where: Where, name: str) -> str:
+    return where(name) if callable(where) else where

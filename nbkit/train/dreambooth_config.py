@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.config import ConfigError, help_
-from nbkit.train.config import SAVE_PRECISIONS, TrainConfig
+from nbkit.train.config import SAVE_PRECISIONS, TrainConfig, Where, check_at_least, check_positive_rate, config_error
 
 SAVE_MODEL_AS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
 SAVE_EMA = ("ema", "both", "prune")
@@ -121,9 +121,29 @@ class DreamBoothTrainConfig(TrainConfig):
         stop = self.stop_text_encoder_training
         return self.trains_text_encoder and (stop is None or step < stop)
 
+    def checked(self, where: Where = "config") -> DreamBoothTrainConfig:
+        """Also the learning rates, the LoRA rank and the folder size (refused before any model loads)."""
+        super().checked(where)
+        check_positive_rate(self, where, "learning_rate", "set learning_rate = 1e-6 (full fine-tuning) or 1e-4 "
+                                                          "(with network_module)")
+        check_positive_rate(self, where, "learning_rate_te", "set learning_rate_te = 1e-6, or remove it to use "
+                                                             "learning_rate", allow_zero=True)
+        if self.learning_rate_te == 0 and self.trains_text_encoder:
+            raise config_error(where, "learning_rate_te", 0.0, "the text encoder would not change: set "
+                               "train_text_encoder = false (it also saves VRAM), or a positive learning_rate_te")
+        if self.network_module:
+            check_at_least(self, where, "network_dim", 1, "it is the LoRA rank: set network_dim = 16")
+        if self.train_data_dir and self.resolution % 64:
+            # kohya trains train_data_dir folders at one fixed size; SD's latent grid is 64 px
+            raise config_error(where, "resolution", self.resolution, f"train_data_dir folders train at this one "
+                               f"size, which must be a multiple of 64: set resolution = {self.resolution // 64 * 64} "
+                               f"or {self.resolution // 64 * 64 + 64}")
+        return self
+
 
 def check_options(config: DreamBoothTrainConfig) -> None:
     """Contradictions that would silently train something else than asked."""
+    config.checked()
     stop = config.stop_text_encoder_training
     if stop is not None and stop > 0 and not config.train_text_encoder:
         raise ConfigError(f"stop_text_encoder_training={stop} but train_text_encoder=false: set train_text_encoder=true "
@@ -184,10 +204,30 @@ def folder_datasets(config: DreamBoothTrainConfig, base_dir: Path | None = None)
     return [DatasetSpec(resolution=res, batch_size=config.train_batch_size, subsets=subsets)]
 
 
+def _reg_dir_awaits_class_images(config: DreamBoothTrainConfig, base_dir: Path | None) -> bool:
+    """A reg_data_dir with no 'N_class' subfolder yet (or none at all) while num_class_images is set:
+    class image generation fills ``<reg_data_dir>/1_<class>``, so it is no error here."""
+    from nbkit.data.importer import parse_kohya_folder_name
+
+    if not (config.reg_data_dir and config.num_class_images):
+        return False
+    root = Path(config.reg_data_dir).expanduser()
+    root = root if root.is_absolute() or base_dir is None else base_dir / root
+    if root.exists() and not root.is_dir():
+        return False  # folder_datasets reports it
+    return not root.is_dir() or not any(p.is_dir() and parse_kohya_folder_name(p.name).class_name
+                                        for p in root.iterdir())
+
+
 def resolve_dreambooth_datasets(config: DreamBoothTrainConfig, inline: dict[str, Any] | None, base_dir: Path | None):
-    """train_data_dir/reg_data_dir folders, else the run file's datasets or dataset_config (kohya TOML)."""
+    """train_data_dir/reg_data_dir folders, else the run file's datasets or dataset_config (kohya TOML).
+
+    A reg_data_dir still empty while num_class_images is set adds no subset: the class images are
+    generated into it (``<reg_data_dir>/1_<class>``, see :mod:`nbkit.train.class_images`)."""
     from nbkit.train.run_file import resolve_datasets
 
+    if _reg_dir_awaits_class_images(config, base_dir):
+        config = replace(config, reg_data_dir=None)
     if config.train_data_dir:
         if inline or config.dataset_config:
             raise ConfigError("train_data_dir and a dataset config are both set: keep one")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from nbkit.config import ConfigError, help_
 from nbkit.networks.hypernetwork.create import HypernetworkStructure
-from nbkit.train.config import TrainConfig
+from nbkit.train.config import TrainConfig, Where, check_at_least, config_error
 
 LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
 CLIP_GRAD_MODES = ("value", "norm")
@@ -74,9 +74,38 @@ class HypernetworkTrainConfig(TrainConfig, HypernetworkStructure):
         """The creation options as a :class:`HypernetworkStructure`."""
         return HypernetworkStructure(**{f.name: getattr(self, f.name) for f in fields(HypernetworkStructure)})
 
+    def checked(self, where: Where = "config") -> HypernetworkTrainConfig:
+        """Also every rate of the learning_rate (and clip_grad_value) schedule: a number or an A1111
+        schedule whose rates are all positive (refused before any model loads)."""
+        super().checked(where)
+        if self.train_data_dir:
+            check_at_least(self, where, "resolution", 64, "kohya buckets are multiples of 64 px: set resolution = 512")
+        _check_schedule(self, where, "learning_rate", "set learning_rate = '0.00001' (A1111's default) or a "
+                                                      "schedule like '5e-5:100, 5e-6:1500, 5e-7'")
+        if self.clip_grad_mode:
+            _check_schedule(self, where, "clip_grad_value", "set clip_grad_value = '0.1', or remove clip_grad_mode",
+                            allow_zero=True)  # a limit of 0 holds the weights still (A1111)
+        return self
+
+
+def _check_schedule(config, where: Where, name: str, fix: str, allow_zero: bool = False) -> None:
+    from nbkit.train.schedules import a1111_schedule, is_a1111_schedule
+
+    text = str(getattr(config, name)).strip()
+    if not is_a1111_schedule(text):
+        raise config_error(where, name, text, f"write a number or a schedule; {fix}")
+    try:
+        rates = [rate for rate, _ in a1111_schedule(text, max_steps=2**62)]
+    except ConfigError:
+        raise config_error(where, name, text, f"write a number or a schedule; {fix}") from None
+    bad = next((rate for rate in rates if rate < 0 or (rate == 0 and not allow_zero)), None)
+    if bad is not None:
+        raise config_error(where, name, text, f"the value {bad:g} is not positive; {fix}")
+
 
 def check_hypernetwork_config(config: HypernetworkTrainConfig) -> None:
-    """Refuse options this trainer would otherwise ignore, naming the fix."""
+    """Refuse options this trainer would otherwise ignore, and values no run can train with, naming the fix."""
+    config.checked()
     defaults = HypernetworkTrainConfig()
     for name, fix in _UNSUPPORTED.items():
         if getattr(config, name) != getattr(defaults, name):
@@ -85,5 +114,3 @@ def check_hypernetwork_config(config: HypernetworkTrainConfig) -> None:
         raise ConfigError(f"tag_drop_out = {config.tag_drop_out}: use a probability in [0, 1)")
     if config.clip_grad_mode and config.max_grad_norm:
         raise ConfigError("both clip_grad_mode and max_grad_norm are set: keep one (clip_grad_mode can be scheduled)")
-    if config.train_batch_size < 1 or config.gradient_accumulation_steps < 1:
-        raise ConfigError("train_batch_size and gradient_accumulation_steps must be at least 1")

@@ -7,16 +7,29 @@ from typing import Any, TypeVar
 
 from nbkit.config import ConfigError, flatten_run_toml, from_dict, load_toml, to_dict
 from nbkit.data.dataset_config import DatasetSpec, load_dataset_config, parse_dataset_config
+from nbkit.train.config import Where
 
 T = TypeVar("T")
 
 
 def load_run_config(path: str | Path, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
-    """Return (config, inline dataset tables, folder relative paths start from)."""
+    """Return (config, inline dataset tables, folder relative paths start from), checked
+    (``config.checked``: values no run can train with are refused before any model loads)."""
+    config, inline, base_dir = _read_run_file(path, cls)
+    return checked_config(config, str(path)), inline, base_dir
+
+
+def _read_run_file(path: str | Path, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
     path = Path(path)
     options, inline = flatten_run_toml(load_toml(path))
     config = from_dict(cls, options, where=str(path))
     return config, inline, path.parent.resolve()
+
+
+def checked_config(config: T, where: Where = "config") -> T:
+    """``config.checked(where)`` for the training configs (others are returned as they are)."""
+    check = getattr(config, "checked", None)
+    return check(where) if callable(check) else config
 
 
 def resolve_datasets(config, inline: dict[str, Any] | None, base_dir: Path | None) -> list[DatasetSpec]:
@@ -49,8 +62,9 @@ def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
     """(config, inline datasets, base folder) from ``--config run.toml`` plus the CLI flags over it."""
     from nbkit.config import merge_cli
 
-    if getattr(args, "config", None):
-        config, inline, base_dir = load_run_config(args.config, cls)
+    run_file = getattr(args, "config", None)
+    if run_file:
+        config, inline, base_dir = _read_run_file(run_file, cls)
     else:
         config, inline, base_dir = cls(), {}, Path.cwd()
     config = merge_cli(config, args)
@@ -58,4 +72,10 @@ def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
         from nbkit.estimate.cli import apply_auto_fit
 
         config = apply_auto_fit(config, args.auto_fit)
-    return config, inline, base_dir
+    # Checked once the flags are merged (a flag may fix a value of the file), before any model loads.
+    flags = set(vars(args))
+
+    def where(name: str) -> str:
+        return "command line" if name in flags or not run_file else str(run_file)
+
+    return checked_config(config, where), inline, base_dir

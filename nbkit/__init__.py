@@ -1,11 +1,11 @@
 """nbkit: train Stable Diffusion add-ons (LoRA, DreamBooth, hypernetworks) on a free Colab GPU."""
 
-import logging
-
 from nbkit._version import __version__
+from nbkit.runtime import quiet_library_noise
 
-# bitsandbytes warns on import that its optional 4-bit CPU *inference* kernel is missing; nbkit only
-# uses its 8-bit optimizers, so the line is noise in every command and notebook cell.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# Other libraries' notices that are noise in every command and notebook cell (torchvision fallbacks,
+# diffusers' empty "kept in float32" list, bitsandbytes' 4-bit CPU kernel and its Hub lookup): each is
+# dropped by its own text, before any of those libraries is imported. See nbkit.runtime.NOISE.
+quiet_library_noise()
 
 __all__ = ["__version__"]

@@ -1,4 +1,5 @@
-"""The ``nbkit`` command. Training flags are generated from the config dataclasses."""
+"""The ``nbkit`` command. Training flags are generated from the config dataclasses; every flag is
+spelt with kohya's underscores and takes dashes too (:mod:`nbkit.cli_parser`)."""
 
 from __future__ import annotations
 
@@ -54,16 +55,30 @@ def _cmd_train_dreambooth(args) -> int:
 def _cmd_demo(args) -> int:
     from nbkit.demo import run_demo
 
-    run_demo(out=args.out, model=args.model or "", steps=args.steps)
+    run_demo(out=args.out, model=args.model or "", steps=args.steps, threads=args.threads)
     return 0
 
 
+def _thread_count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of threads, 1 or more")
+    return int(text)
+
+
+def _add_threads_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=_thread_count, metavar="N",
+                        help="CPU threads for torch (default: the cores other processes leave free, or "
+                             "$OMP_NUM_THREADS when set)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nbkit.cli_parser import NbkitArgumentParser, add_spelling_aliases
     from nbkit.config import add_dataclass_arguments
     from nbkit.train.config import LoRATrainConfig
     from nbkit.train.dreambooth_config import DreamBoothTrainConfig
 
-    parser = argparse.ArgumentParser(prog="nbkit", description="Train Stable Diffusion add-ons on a free Colab GPU.")
+    parser = NbkitArgumentParser(prog="nbkit", description="Train Stable Diffusion add-ons on a free Colab GPU. "
+                                 "Flags take kohya's spelling (--network_dim); dashes instead of underscores work too.")
     parser.add_argument("--version", action="version", version=f"nbkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -71,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("out", help="output folder")
     tiny.add_argument("--arch", default="sd15", choices=("sd15", "sd21", "sd21-v"))
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--single-file", action="store_true", help="also write OUT.safetensors in the original layout")
+    tiny.add_argument("--single_file", action="store_true", help="also write OUT.safetensors in the original layout")
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
     train = sub.add_parser("train", help="train a network")
@@ -93,8 +108,20 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="nbkit-demo", help="output folder (default: ./nbkit-demo)")
     demo.add_argument("--model", help="a real base model (Hub id, URL or file) instead of the tiny one")
     demo.add_argument("--steps", type=int, help="training steps (default 60 tiny, 400 real)")
+    _add_threads_option(demo)
     demo.set_defaults(func=_cmd_demo)
+    for method in dict.fromkeys(methods.choices.values()):  # lora, dreambooth and the ones modules added
+        _add_threads_option(method)
+    add_spelling_aliases(parser)  # every flag: kohya's underscores shown, dashes accepted
     return parser
+
+
+def _set_threads(explicit: int | None) -> None:
+    from nbkit.runtime import set_torch_threads
+
+    note = set_torch_threads(explicit).note()
+    if note:
+        print(note)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     from nbkit.config import ConfigError
     from nbkit.data.images import DatasetError
 
+    if args.command == "train":
+        _set_threads(args.threads)
     try:
         return args.func(args)
     except (ConfigError, DatasetError) as err:

@@ -150,9 +150,13 @@ def save_loss_curve(losses: list[float], path: Path) -> Path:
     return path
 
 
-def run_demo(out: str | Path = "nbkit-demo", model: str = "", steps: int | None = None, quiet: bool = False) -> dict[str, Path]:
+def run_demo(out: str | Path = "nbkit-demo", model: str = "", steps: int | None = None, quiet: bool = False,
+             threads: int | None = None) -> dict[str, Path]:
+    """``threads``: torch's CPU threads; by default $OMP_NUM_THREADS if set, else one per core that
+    other processes leave free (:func:`nbkit.runtime.set_torch_threads`)."""
     from nbkit.models.load import load_pipeline
     from nbkit.models.tiny import make_tiny_model
+    from nbkit.runtime import set_torch_threads
     from nbkit.train.hooks import ProgressHooks
     from nbkit.train.lora import train_lora
     from nbkit.train.run_file import resolve_datasets
@@ -163,6 +167,9 @@ def run_demo(out: str | Path = "nbkit-demo", model: str = "", steps: int | None 
     plan = demo_plan(out, model, on_gpu, steps)
     config = plan.config
     say = (lambda *a: None) if quiet else print
+    note = set_torch_threads(threads).note()
+    if note:
+        say(note)
     if not model:
         say(f"building the tiny seeded model in {out / 'tiny-sd15'}")
         make_tiny_model(out / "tiny-sd15", arch="sd15", seed=0)

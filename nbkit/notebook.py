@@ -374,6 +374,12 @@ def open_project(name: str, root: str | Path | None = None, step: str | None = N
         session = NotebookProject(Project.open(name, root))
     if verbose:
         print(project_summary(session))
+    if step == "train":  # the training cells call the trainers directly: torch's CPU threads are set here
+        from nbkit.runtime import set_torch_threads
+
+        note = set_torch_threads().note()
+        if note and verbose:
+            print(note)
     return session
 
 

@@ -4,14 +4,22 @@
     environment_report()          # prints the GPU (warns without a T4-class card), RAM and versions
 
 Everything here is quick and safe to run again; nothing is installed or downloaded.
+
+Also here: the CPU thread count for training (:func:`set_torch_threads`) and the quieting of other
+libraries' noise (:func:`quiet_library_noise`, applied by ``import nbkit``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.abc
+import importlib.machinery
 import importlib.metadata
+import logging
 import os
 import platform
+import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -166,3 +174,155 @@ def ready_line(session=None) -> str:
         parts.append(f"project '{session.project.name}'" + (" (demo)" if session.demo else ""))
     warn = "" if gpu is not None or (session is not None and session.demo) else "  (warning: no GPU)"
     return "ready: " + " | ".join(parts) + warn
+
+
+# ---------------------------------------------------------------- CPU threads
+@dataclass
+class ThreadChoice:
+    threads: int
+    cores: int
+    load: float | None  # other runnable work, when the count was picked by load
+    source: str  # "--threads", "OMP_NUM_THREADS" or "load"
+
+    def note(self) -> str | None:
+        """One line when nbkit chose fewer threads than there are cores (None otherwise)."""
+        if self.source != "load" or self.threads >= self.cores:
+            return None
+        return (f"threads: {self.threads} of {self.cores} cores (other processes keep about {self.load:.1f} busy); "
+                "choose with --threads N or OMP_NUM_THREADS=N")
+
+
+_TORCH_DEFAULT_THREADS: list[int] = []  # torch's own count, read before nbkit first changes it
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (containers)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    return max(1, cores)
+
+
+def other_load() -> float:
+    """Runnable work besides this process: the 1-minute load average, or the tasks runnable right now
+    (less this one) when that is lower, so work that just ended, this process's own included, does not count."""
+    try:
+        average = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0
+    try:
+        running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0]) - 1
+    except (OSError, ValueError, IndexError):
+        return average
+    return max(0.0, min(average, float(running)))
+
+
+def pick_threads(cores: int, load: float) -> int:
+    """Intra-op threads for ``cores`` usable cores while other processes keep ``load`` of them busy:
+    one per core left free (rounded), at least 1, at most ``cores``.
+
+    torch's OpenMP threads wait for each other at every operation, so one thread more than the free
+    cores costs far more than one fewer: the 60-step CPU demo took 17 s on an idle 2-core machine and
+    27 min on a loaded one with torch's default of one thread per core."""
+    return max(1, min(cores, round(cores - load)))
+
+
+def set_torch_threads(explicit: int | None = None, cores: int | None = None, load: float | None = None) -> ThreadChoice:
+    """Set torch's intra-op thread count: ``explicit`` (``--threads``) if given; left alone when
+    ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` is set (torch follows it); else :func:`pick_threads`
+    for the usable cores (at most torch's own default) and the current load."""
+    import torch
+
+    if not _TORCH_DEFAULT_THREADS:
+        _TORCH_DEFAULT_THREADS.append(torch.get_num_threads())
+    cores = cores or min(usable_cores(), _TORCH_DEFAULT_THREADS[0])
+    if explicit:
+        torch.set_num_threads(explicit)
+        return ThreadChoice(explicit, cores, None, "--threads")
+    if os.environ.get("OMP_NUM_THREADS") or os.environ.get("MKL_NUM_THREADS"):
+        return ThreadChoice(torch.get_num_threads(), cores, None, "OMP_NUM_THREADS")
+    load = other_load() if load is None else load
+    threads = pick_threads(cores, load)
+    torch.set_num_threads(threads)
+    return ThreadChoice(threads, cores, load, "load")
+
+
+# ---------------------------------------------------------------- library noise
+# Messages other libraries print in every nbkit run that tell the user nothing they can act on.
+# Each is dropped by its own text, on the logger that emits it; nothing else from those loggers is.
+NOISE = {
+    # transformers 5 without torchvision (it does not import beside the CPU torch wheel): the PIL
+    # image processors it falls back to are the ones nbkit uses anyway
+    "transformers.utils.import_utils": ("requires torchvision (not installed); falling back to",),
+    # diffusers 0.42 warns on every ``model.to(dtype)`` even when no module must stay in float32
+    "diffusers.models.modeling_utils": ("that should be kept in float32: [].",),
+    # bitsandbytes' optional 4-bit CPU inference kernel (nbkit uses only its 8-bit optimizers)
+    "bitsandbytes.backends.cpu.ops": ("Failed to load CPU gemm_4bit_forward from kernels-community",),
+}
+_BNB_CPU_OPS = "bitsandbytes.backends.cpu.ops"
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, texts: tuple[str, ...]) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(text in message for text in self.texts)
+
+
+class _WithoutKernelsPackage(importlib.abc.Loader):
+    """Runs bitsandbytes' CPU backend module with the ``kernels`` package hidden.
+
+    On import, that module asks the Hub for ``kernels-community/quantization-bitsandbytes`` (a
+    4-bit *inference* kernel) through ``kernels.get_kernel`` when ``kernels`` is installed and the
+    CPU has AVX512-BF16; no setting turns this off. Offline it warns "Skipping publisher trust
+    check..."; online it downloads code. Hidden, the import fails and bitsandbytes keeps its own
+    kernels, which its 8-bit optimizers use. ``kernels`` stays importable for everything else."""
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        missing = object()
+        saved = sys.modules.get("kernels", missing)
+        sys.modules["kernels"] = None  # `from kernels import ...` raises ImportError
+        try:
+            self.loader.exec_module(module)
+        finally:
+            if saved is missing:
+                sys.modules.pop("kernels", None)
+            else:
+                sys.modules["kernels"] = saved
+
+
+class _BitsandbytesCpuOpsFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != _BNB_CPU_OPS:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _WithoutKernelsPackage(spec.loader)
+        return spec
+
+
+def quiet_library_noise() -> None:
+    """Drop the messages in :data:`NOISE` and stop bitsandbytes' Hub kernel lookup (idempotent;
+    ``import nbkit`` calls it, so it is in place before any of those libraries is imported)."""
+    for name, texts in NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(texts))
+    warnings.filterwarnings("ignore", message=r"Skipping publisher trust check for 'kernels-community/",
+                            category=UserWarning)
+    if _BNB_CPU_OPS not in sys.modules and not any(isinstance(f, _BitsandbytesCpuOpsFinder) for f in sys.meta_path):
+        sys.meta_path.insert(0, _BitsandbytesCpuOpsFinder())

@@ -22,6 +22,8 @@ STEPS = ("00_setup", "01_dataset", "02_tag", "03_configure", "04_train_lora", "0
          "06_train_hypernetwork", "07_merge", "08_export")
 MAX_CODE_LINES = 12  # non-blank lines in one code cell (the setup install cell is the longest: 11)
 TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}|(api|access|auth)[_-]?(key|token)\s*=\s*['\"][^'\"]{8,}['\"]", re.I)
+WARNING_LINE = re.compile(r"warn|deprecat|kernels-community|trust check|torchvision|float32", re.I)
+PROGRESS_BAR = re.compile(r"\d+%\|.*\|\s*\d+/\d+")  # tqdm bars on stderr are fine
 
 
 def _code(nb: dict) -> list[str]:
@@ -87,6 +89,10 @@ def test_all_notebooks_run_in_demo_mode(tmp_path, monkeypatch):
         times[path.stem] = time.monotonic() - t0
         errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
         assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
+        noise = [line for c in nb.cells if c.cell_type == "code" for o in c.outputs
+                 if o.output_type == "stream" and o.name == "stderr" for line in re.split(r"[\r\n]+", o.text)
+                 if WARNING_LINE.search(line) and not PROGRESS_BAR.search(line)]
+        assert not noise, f"{path.name}: warning lines on stderr: {noise[:5]}"
     total = time.monotonic() - started
     print("\nnotebook run times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items()) + f"; total {total:.0f} s")
 

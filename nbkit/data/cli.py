@@ -65,7 +65,8 @@ def _cmd_check(args) -> int:
     def run(progress: bool):
         return check_dataset(source, batch_size=args.batch_size, epochs=args.epochs,
                              gradient_accumulation_steps=args.gradient_accumulation_steps,
-                             resolution=args.resolution, max_side=args.max_side, progress=progress)
+                             resolution=args.resolution, max_side=args.max_side, progress=progress,
+                             max_token_length=args.max_token_length)
 
     report = run(not args.quiet)
     print(report)
@@ -163,6 +164,8 @@ def add_commands(subparsers) -> None:
     check.add_argument("--gradient-accumulation-steps", type=int, default=1)
     check.add_argument("--resolution", type=int, help="training resolution (default: the dataset's, else 512)")
     check.add_argument("--max-side", type=int, default=3000, help="warn above this many pixels on the long side")
+    check.add_argument("--max-token-length", "--max_token_length", type=int, choices=(75, 150, 225),
+                       help="the run's max_token_length: captions with more CLIP tokens are reported (default 75)")
     check.add_argument("--fix-to", metavar="DIR", help="write fixed copies (RGB, alpha on white, UTF-8 captions) here")
     check.add_argument("--quarantine", metavar="DIR", help="move unusable files out of the project copy into DIR")
     check.set_defaults(func=_cmd_check)

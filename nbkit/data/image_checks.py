@@ -1,4 +1,4 @@
-"""Per-file checks of training images and captions, and the conversions ``--fix-to`` applies.
+"""Per-file checks of training images and captions, and the conversions ``--fix_to`` applies.
 
 Every check only reads. A :class:`Problem` says which file, what is wrong and how to fix it, in
 plain words, with a severity:
@@ -20,9 +20,9 @@ from PIL import Image, UnidentifiedImageError
 from nbkit.data.images import ALPHA_MODES, SIXTEEN_BIT_MODES, flatten_to_rgb
 
 ERROR, FIXABLE, WARNING = "error", "fixable", "warning"
-#: Problem kinds that make ``--fix-to`` re-encode the image instead of copying its bytes.
+#: Problem kinds that make ``--fix_to`` re-encode the image instead of copying its bytes.
 CONVERT_KINDS = {"cmyk", "16-bit", "alpha", "palette", "too-large", "pixel-limit", "unsupported-format"}
-FIX_COPY = "the --fix-to copy"
+FIX_COPY = "the --fix_to copy"
 
 
 @dataclass
@@ -195,7 +195,7 @@ def check_image(path: Path, resolution: tuple[int, int] = (512, 512), max_side: 
 
 
 def load_fixed(path: Path, max_side: int) -> Image.Image:
-    """The image as ``--fix-to`` writes it: flattened RGB, long side at most ``max_side``."""
+    """The image as ``--fix_to`` writes it: flattened RGB, long side at most ``max_side``."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as im:

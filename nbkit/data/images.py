@@ -107,7 +107,7 @@ def read_caption(image: Path, extension: str, class_tokens: str | None) -> str:
             text = caption_file.read_text(encoding="utf-8")
         except UnicodeDecodeError:
             raise CaptionEncodingError(
-                f"{caption_file}: not UTF-8 text: re-save it as UTF-8 (`nbkit dataset check --fix-to DIR` does it)"
+                f"{caption_file}: not UTF-8 text: re-save it as UTF-8 (`nbkit dataset check --fix_to DIR` does it)"
             ) from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if lines:

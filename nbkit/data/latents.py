@@ -3,6 +3,10 @@
 A disk entry is keyed by the image's *content* (sha256 of its bytes), its bucket, resize size,
 crop, flip, interpolation and the VAE's identity, so an edited image or another VAE never
 reuses a stale latent. Cache files live in nbkit's own folder, never next to the user's images.
+
+The VAE posterior is sampled with noise seeded per image from its place in the config and its
+path *inside* the subset folder, never the folder's absolute path: the same data and seed give
+the same LoRA wherever the dataset lives.
 """
 
 from __future__ import annotations
@@ -63,8 +67,9 @@ class LatentCache:
         item = self.items[key[0]]
         if item.image not in self._content:
             self._content[item.image] = file_sha256(item.image)
+        # the last part names the posterior sample's noise (see _seed_text), which the latent holds
         parts = [self._content[item.image], item.bucket.reso, item.bucket.resized_size, "center", key[1],
-                 item.dataset.resize_interpolation, item.subset.alpha_mask, self._vae_id]  # fmt: skip
+                 item.dataset.resize_interpolation, item.subset.alpha_mask, self._vae_id, self._seed_text(key)]  # fmt: skip
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:40]
 
     def keys_to_cache(self) -> list[LatentKey]:
@@ -82,8 +87,18 @@ class LatentCache:
         return (dist.mean + dist.std * eps) * self.vae.config.scaling_factor
 
     def _seed(self, key: LatentKey) -> int:
-        text = f"{self.items[key[0]].image}|{key[1]}"
-        return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
+        return int.from_bytes(hashlib.sha256(self._seed_text(key).encode()).digest()[:8], "little") & (2**63 - 1)
+
+    def _seed_text(self, key: LatentKey) -> str:
+        """Which image this is, independent of where the dataset lives: the dataset and subset by their
+        place in the config, the image by its path inside the subset folder (same data, same LoRA)."""
+        item = self.items[key[0]]
+        subset = next((i for i, s in enumerate(item.dataset.subsets) if s is item.subset), -1)
+        try:
+            name = item.image.relative_to(item.subset.image_dir).as_posix()
+        except ValueError:
+            name = item.image.name
+        return f"{item.dataset_index}|{subset}|{name}|{key[1]}"
 
     def fill(self, progress: Callable[[int], None] | None = None) -> None:
         """Encode every cacheable item (reading the disk cache first), in batches of one bucket;

@@ -1,4 +1,4 @@
-"""``nbkit estimate`` and the ``--auto-fit`` option of ``nbkit train <method>``."""
+"""``nbkit estimate`` and the ``--auto_fit`` option of ``nbkit train <method>``."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from nbkit.estimate.setting import ARCHS, GPU_MEMORY_GIB, METHODS
 
 
 def _flag(parser, name: str, **kwargs) -> None:
-    """``--train-batch-size`` and kohya's ``--train_batch_size`` both work."""
-    parser.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, **kwargs)
+    """kohya's ``--train_batch_size``; ``--train-batch-size`` works too (nbkit.cli_parser adds the alias)."""
+    parser.add_argument(f"--{name}", dest=name, **kwargs)
 
 
 def add_estimate_parser(sub) -> argparse.ArgumentParser:
@@ -76,7 +76,7 @@ def _cmd_estimate(args) -> int:
 
 
 def add_auto_fit_option(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--auto-fit", "--auto_fit", dest="auto_fit", nargs="?", const="T4", default=None,
+    parser.add_argument("--auto_fit", dest="auto_fit", nargs="?", const="T4", default=None,
                         metavar="GPU",
                         help="before training, choose train_batch_size (at most the configured one), optimizer_type "
                              "and gradient_checkpointing so the run fits the GPU (T4, L4, V100, A100-40GB or GiB; "
@@ -93,7 +93,7 @@ def apply_auto_fit(config, gpu: str, out=None):
     try:
         fitted, found, changes = auto_fit(config, method_of(config), gpu_memory(gpu))
     except (FitError, ValueError) as err:
-        raise ConfigError(f"--auto-fit {gpu}: {err}") from None
+        raise ConfigError(f"--auto_fit {gpu}: {err}") from None
     arch = found.setting.arch
     print(f"auto-fit ({arch}, {gpu}): estimated peak {found.peak_gib:.2f} GiB of {gpu_memory(gpu):.1f} GiB; "
           + ("; ".join(changes) if changes else "no change needed"), file=out)

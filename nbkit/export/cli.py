@@ -45,7 +45,7 @@ def _project(args):
 
 
 def _hub_sources(args, project) -> tuple[Path | None, list[Path], dict]:
-    """(output folder, configs, run options) from --output-dir/--config or the project."""
+    """(output folder, configs, run options) from --output_dir/--config or the project."""
     from nbkit.config import flatten_run_toml, load_toml
 
     output_dir = Path(args.output_dir) if args.output_dir else (project.output_dir if project else None)
@@ -78,7 +78,7 @@ def _cmd_hub(args) -> int:
     project = _project(args)
     output_dir, configs, options = _hub_sources(args, project)
     if not args.model and output_dir is None:
-        raise ExportError("nothing to upload: pass --model FILE, --output-dir DIR or --project NAME")
+        raise ExportError("nothing to upload: pass --model FILE, --output_dir DIR or --project NAME")
     models = [Path(m) for m in args.model] if args.model else find_outputs(output_dir, args.output_name or
                                                                             options.get("output_name"))
     sample_sources = [Path(s) for s in args.samples] if args.samples else [
@@ -166,7 +166,7 @@ def _add_hub(group) -> None:
     p.add_argument("--max-samples", type=int, default=8)
     p.add_argument("--config", nargs="+", help="run/dataset TOMLs to publish, cleaned (default: the project's)")
     p.add_argument("--no-config", action="store_true", help="publish no training config")
-    p.add_argument("--dataset", help="dataset folder (counted for the card; zipped with --include-dataset)")
+    p.add_argument("--dataset", help="dataset folder (counted for the card; zipped with --include_dataset)")
     p.add_argument("--include-dataset", action="store_true", help="also upload the dataset as a zip")
     p.add_argument("--base-model", help="Hub id of the base model (default: from the file's metadata)")
     p.add_argument("--license", help="licence id (default: the base model's, e.g. creativeml-openrail-m)")

@@ -136,7 +136,7 @@ def _explain(err: Exception, plan: UploadPlan) -> str:
         return ("the Hub refused the token (401): create a token with write access at "
                 "https://huggingface.co/settings/tokens and store it as HF_TOKEN")
     if status == 403:
-        return (f"no write access to {plan.repo_id} (403): check the USER/ORG part of --repo-id and that the token "
+        return (f"no write access to {plan.repo_id} (403): check the USER/ORG part of --repo_id and that the token "
                 "has write permission")
     return f"upload to {plan.repo_id} failed ({type(err).__name__}: {err}); run the same command again to resume"
 

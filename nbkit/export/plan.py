@@ -96,7 +96,7 @@ def detect_kind(path: Path) -> str:
 def find_outputs(folder: Path, output_name: str | None = None) -> list[Path]:
     """The final trained files of ``folder`` (``<output_name>.*``; epoch/step saves left out)."""
     if not folder.is_dir():
-        raise ExportError(f"{folder}: no such output folder: pass --output-dir or --model")
+        raise ExportError(f"{folder}: no such output folder: pass --output_dir or --model")
     found = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith(".") or path.name.endswith("-state"):
@@ -223,7 +223,7 @@ def build_plan(repo_id: str, models: Sequence[Path], *, samples: Sequence[Path] 
     from nbkit.models.download import REPO_ID
 
     if not REPO_ID.match(repo_id or ""):
-        raise ExportError(f"--repo-id {repo_id!r}: use USER/NAME (or ORG/NAME), e.g. alice/my-style-lora")
+        raise ExportError(f"--repo_id {repo_id!r}: use USER/NAME (or ORG/NAME), e.g. alice/my-style-lora")
     if not models:
         raise ExportError("nothing to upload: pass --model FILE or a project/output folder with a trained file")
     kinds = {detect_kind(Path(m)) for m in models}
@@ -240,7 +240,7 @@ def build_plan(repo_id: str, models: Sequence[Path], *, samples: Sequence[Path] 
         items.append(UploadItem(f"training/{config.name}", "config", len(data), data=data))
     if include_dataset:
         if dataset is None or not dataset.is_dir():
-            raise ExportError(f"--include-dataset: no dataset folder {dataset or ''}: pass --dataset DIR")
+            raise ExportError(f"--include_dataset: no dataset folder {dataset or ''}: pass --dataset DIR")
         size = sum(p.stat().st_size for p in dataset.rglob("*") if p.is_file())
         items.append(UploadItem(f"dataset/{dataset.name}.zip", "dataset", size, zip_of=dataset))
     options, folders = _run_options(configs)

@@ -80,7 +80,7 @@ def _edit_from_args(args):
         "suffix": lambda: Edit.suffix(args.tags),
         "remove": lambda: Edit.remove(args.tags or (), globs=args.glob, regexes=args.regex),
         "replace": lambda: Edit.replace(args.old, args.new, mode=args.mode),
-        "sub": lambda: Edit.substitute(args.pattern, args.repl),
+        "sub": lambda: Edit.substitute(args.pattern, args.repl, literal=args.literal),
         "dedupe": Edit.dedupe,
         "sort": lambda: Edit.sort(args.by, keep=args.keep),
     }
@@ -177,8 +177,9 @@ def _add_edit_commands(actions, scope: argparse.ArgumentParser) -> None:
     replace.add_argument("--mode", choices=("any", "all"), default="any",
                          help="any: whichever are present (OR); all: only if all are present (AND)")
     sub = add("sub", "regular-expression substitution inside tags, e.g. '_' ' '")
-    sub.add_argument("pattern")
-    sub.add_argument("repl")
+    sub.add_argument("pattern", help="regular expression (escape ( ) [ ] * + ? with a backslash, or use --literal)")
+    sub.add_argument("repl", help="replacement (\\1 or \\g<name> insert a group)")
+    sub.add_argument("--literal", action="store_true", help="PATTERN and REPL are plain text, not a regular expression")
     add("dedupe", "drop repeated tags")
     sort = add("sort", "sort tags")
     sort.add_argument("--by", choices=("alphabetical", "frequency"), default="alphabetical")

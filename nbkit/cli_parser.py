@@ -21,6 +21,7 @@ from collections.abc import Iterator
 _ALIASES = "_nbkit_aliases"  # on an action: its accepted-but-unlisted option strings
 _USED = "_nbkit_parser"  # on a namespace while parsing: the deepest (sub)command's parser
 _ARGUMENT = re.compile(r"argument (\S+): ")
+_NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 _CHOICE = re.compile(r"invalid choice: '([^']*)' \(choose from (.*)\)$")
 
 
@@ -42,9 +43,13 @@ class NbkitArgumentParser(argparse.ArgumentParser):
     ``add_subparsers`` makes its parsers with ``type(parent)``, so every subcommand below a
     parser of this class is one too."""
 
+    # argparse takes only "-5" and "-0.5" for negative numbers, so "--learning_rate -1e-4" failed
+    # with "expected one argument" instead of reaching the check that names the option; no nbkit
+    # flag looks like a number, so scientific notation is safe to read as a value.
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("formatter_class", NbkitHelpFormatter)
         super().__init__(*args, **kwargs)
+        self._negative_number_matcher = _NEGATIVE_NUMBER
 
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)

@@ -65,7 +65,9 @@ def _refused(argv: list[str], capsys) -> str:
     (["--network_dim", "0"], ["network_dim"]),
     (["--network_dim", "-4"], ["network_dim"]),
     (["--learning_rate", "0"], ["learning_rate"]),
-    (["--learning_rate=-1e-4"], ["learning_rate", "1e-4"]),  # argparse reads a bare -1e-4 as an option
+    (["--learning_rate=-1e-4"], ["learning_rate", "1e-4"]),
+    (["--learning_rate", "-1e-4"], ["learning_rate", "1e-4"]),  # plain argparse took -1e-4 for a flag
+    (["--learning_rate", "-.5"], ["learning_rate"]),
     (["--unet_lr=-1e-4"], ["unet_lr"]),
     (["--text_encoder_lr=-5e-5"], ["text_encoder_lr"]),
     (["--max_train_steps", "0"], ["max_train_steps"]),
@@ -279,6 +281,18 @@ def test_kohya_subfolders_skip_zero_and_non_numeric_names_with_a_warning(tmp_pat
     assert [(s.image_dir.name, s.num_repeats, s.class_tokens) for s in subsets] == [("10_sks dog", 10, "sks dog")]
     text = " ".join(str(w.message) for w in caught)
     assert "abc_x" in text and "without repeats" in text and "0_x" in text and "0 repeats" in text
+
+
+def test_dreambooth_train_data_dir_warns_and_skips_zero_and_non_numeric_folders(tmp_path):
+    from nbkit.train.dreambooth_config import DreamBoothTrainConfig, folder_datasets
+
+    root = _train_data_dir(tmp_path)
+    config = DreamBoothTrainConfig(pretrained_model_name_or_path="x", train_data_dir=str(root))
+    with pytest.warns(UserWarning) as caught:
+        (dataset,) = folder_datasets(config)
+    assert [(s.image_dir.name, s.num_repeats) for s in dataset.subsets] == [("10_sks dog", 10)]
+    text = " ".join(str(w.message) for w in caught)
+    assert "abc_x" in text and "0_x" in text
 
 
 def test_dataset_check_reads_a_train_data_dir_as_kohya_does(tmp_path, capsys):

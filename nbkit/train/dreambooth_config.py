@@ -179,8 +179,7 @@ def lora_config(config: DreamBoothTrainConfig):
 def folder_datasets(config: DreamBoothTrainConfig, base_dir: Path | None = None) -> list:
     """kohya's folder datasets: every ``N_...`` subfolder of train_data_dir (instances) and
     reg_data_dir (regularisation) is a subset with ``num_repeats=N`` and the folder's class tokens."""
-    from nbkit.data.dataset_config import DatasetSpec, SubsetSpec
-    from nbkit.data.importer import detect_caption_extension, parse_kohya_folder_name
+    from nbkit.data.dataset_config import DatasetSpec, kohya_subdir_subsets
 
     subsets = []
     for option, is_reg in (("train_data_dir", False), ("reg_data_dir", True)):
@@ -191,15 +190,11 @@ def folder_datasets(config: DreamBoothTrainConfig, base_dir: Path | None = None)
         root = root if root.is_absolute() or base_dir is None else base_dir / root
         if not root.is_dir():
             raise ConfigError(f"{option}: {root} is not a folder: fix the path")
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and parse_kohya_folder_name(p.name).class_name)
-        if not folders:
+        found = kohya_subdir_subsets(root, is_reg, config.caption_extension)  # 0_x and abc_x: warned, skipped
+        if not found:
             raise ConfigError(f"{option}: {root} has no subfolder named 'N_identifier class' (e.g. '10_sks dog'): "
                               "put the images in such a subfolder")
-        for folder in folders:
-            kohya = parse_kohya_folder_name(folder.name)
-            ext = config.caption_extension or detect_caption_extension(folder)
-            subsets.append(SubsetSpec(image_dir=folder, class_tokens=kohya.class_tokens, num_repeats=kohya.repeats,
-                                      caption_extension=ext if ext.startswith(".") else "." + ext, is_reg=is_reg))
+        subsets.extend(found)
     res = (config.resolution, config.resolution)
     return [DatasetSpec(resolution=res, batch_size=config.train_batch_size, subsets=subsets)]
 

@@ -37,15 +37,16 @@ release tag after the `@`, a folder on Drive holding a copy of the repository, o
 with (that `requirements.txt`, applied as constraints), so a library released yesterday cannot break
 today's run. Colab's own PyTorch is never reinstalled: nbkit does not pin torch to a CUDA build."""
 
-INSTALL = f"""import importlib.util, os, shutil
+INSTALL = f"""import importlib.util
+import os
+import shutil
 
 NBKIT_SOURCE = "{SOURCE}"  # or a Drive folder with the repository, or a .whl
 if importlib.util.find_spec("nbkit") is None:  # a fresh runtime: install nbkit with its tested pins
     EXTRA = "tagger-gpu" if shutil.which("nvidia-smi") else "tagger"  # WD14 tagger on the GPU when there is one
-    SRC = os.path.expanduser(NBKIT_SOURCE)
-    if SRC.startswith("git+"):  # clone that branch or tag: its requirements.txt has the pins it was tested with
-        URL, REF = SRC[4:].rsplit("@", 1)
-        SRC = os.path.expanduser("~/nbkit-src")
+    URL, _, REF = NBKIT_SOURCE[4:].rpartition("@") if NBKIT_SOURCE.startswith("git+") else ("", "", "")
+    SRC = os.path.expanduser("~/nbkit-src") if URL else NBKIT_SOURCE
+    if URL:  # clone that branch or tag: its requirements.txt has the pins it was tested with
         !rm -rf {{SRC}} && git clone -q --depth 1 --branch {{REF}} {{URL}} {{SRC}}
     PINS = os.path.join(SRC if os.path.isdir(SRC) else os.path.dirname(SRC), "requirements.txt")
     %pip install -q "{{SRC}}[{{EXTRA}}]" -c "{{PINS}}\""""

@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
-
 from venv_tools import ROOT, clean_env, overlay_venv, run, source_copy
 
 FAST_MOVING = ("transformers", "diffusers", "peft", "accelerate", "huggingface_hub", "bitsandbytes")
@@ -37,7 +36,7 @@ def _setup_requirements() -> dict[str, Requirement]:
         if isinstance(node, ast.Constant) and isinstance(node.value, str):
             try:
                 req = Requirement(node.value)
-            except Exception:  # noqa: BLE001 - any other string in setup.py
+            except Exception:
                 continue
             if req.specifier:
                 found[_norm(req.name)] = req

@@ -46,11 +46,11 @@ def check_caption(image: Path, extension: str, class_tokens: str | None) -> Capt
         sample = next((w for w in text.split() if any(ord(c) > 127 for c in w)), "")
         seen = f" (read as {encoding}: '{sample}')" if sample else ""
         check.problems.append(Problem(path, FIXABLE, "encoding", f"is not UTF-8 text{seen}; training stops with an "
-                                      "encoding error", "re-save it as UTF-8 in a text editor; the --fix-to copy is "
+                                      "encoding error", "re-save it as UTF-8 in a text editor; the --fix_to copy is "
                                       "re-encoded as UTF-8"))
     elif encoding == "utf-8-sig":
         check.problems.append(Problem(path, FIXABLE, "bom", "starts with an invisible byte-order mark that becomes "
-                                      "part of the first tag", "re-save it as UTF-8 without BOM; the --fix-to copy has "
+                                      "part of the first tag", "re-save it as UTF-8 without BOM; the --fix_to copy has "
                                       "none"))
     if not lines:
         check.problems.append(Problem(path, WARNING if fallback else ERROR, "empty-caption", "is empty",

@@ -85,7 +85,7 @@ def _folder_problems(sub: SubsetSpec, images: list[Path], files: list[Path]) -> 
             names = " and ".join(p.name for p in same)
             out.append(Problem(same[1], WARNING, "duplicate-name", f"{names} share the caption file "
                                f"{stem}{sub.caption_extension} (captions are matched by name)", "rename one and give "
-                               "it its own caption, or remove the duplicate; the --fix-to copy renames it"))
+                               "it its own caption, or remove the duplicate; the --fix_to copy renames it"))
     stems = {p.stem for p in images}
     for caption in files:
         if caption.suffix.lower() in CAPTION_EXTENSIONS and caption.stem not in stems:
@@ -119,7 +119,7 @@ def check_subset(sub: SubsetSpec, resolution: tuple[int, int], max_side: int = M
             if other.usable:
                 other.problems.insert(0, Problem(path, WARNING, "unsupported-format", f"is a {path.suffix} file; "
                                                  "training reads only .png .jpg .jpeg .webp .bmp, so it is ignored",
-                                                 "convert it to PNG or JPEG; the --fix-to copy converts it to PNG"))
+                                                 "convert it to PNG or JPEG; the --fix_to copy converts it to PNG"))
             report.others.append(FileReport(other, check_caption(path, sub.caption_extension, sub.class_tokens)))
     report.problems += _folder_problems(sub, images, files)
     missing = report.captions("missing")
@@ -192,7 +192,7 @@ class DatasetReport:
         head = f"problems: {counts[ERROR]} errors, {counts[FIXABLE]} fixable, {counts[WARNING]} warnings"
         tail = []
         if counts[ERROR] or counts[FIXABLE]:
-            tail.append("Your files were not changed. Write fixed copies with --fix-to DIR (nbkit.data.fix.fix_dataset)"
+            tail.append("Your files were not changed. Write fixed copies with --fix_to DIR (nbkit.data.fix.fix_dataset)"
                         "; move unusable files out of a project copy with --quarantine DIR.")
         return "\n".join([self.table(), head, *self.problem_lines(), *tail])
 
@@ -235,7 +235,7 @@ def output_plan(sub: SubsetReport) -> list[tuple[FileReport, str, str]]:
 
 
 def _clean_view(report: DatasetReport, folder: Path) -> list[DatasetSpec]:
-    """Datasets over ``folder`` laid out like the --fix-to copy, with links instead of image copies."""
+    """Datasets over ``folder`` laid out like the --fix_to copy, with links instead of image copies."""
     out, index = [], 0
     by_dir = {id(s.subset): s for s in report.subsets}
     for ds in report.datasets:
@@ -259,7 +259,7 @@ def count_steps(report: DatasetReport, seed: int = 0) -> None:
     """Fill the step counts with the trainer's own functions.
 
     With no unusable file the trainer's items are counted directly. Otherwise the count is for the
-    data without the unusable files (what the --fix-to copy trains on), through a temporary view.
+    data without the unusable files (what the --fix_to copy trains on), through a temporary view.
     """
     from nbkit.data.buckets import bucket_report
     from nbkit.data.train_data import steps_per_epoch
@@ -276,7 +276,7 @@ def count_steps(report: DatasetReport, seed: int = 0) -> None:
                 if not datasets:
                     raise DatasetError("no usable images at all")
                 items = trainer_items(datasets, seed)
-            report.steps_note = f"(as in the --fix-to copy: {unusable} unusable files left out, .gif/.tif converted)"
+            report.steps_note = f"(as in the --fix_to copy: {unusable} unusable files left out, .gif/.tif converted)"
     except (ValueError, OSError) as err:  # DatasetError / ConfigError: what the trainer would stop with
         report.steps_note = f"training cannot start: {err}"
         return

@@ -33,10 +33,10 @@ def _project(args):
 
 
 def _source(args):
-    """A project, a dataset TOML or a folder, from ``--project`` / ``--dataset-config`` / FOLDER."""
+    """A project, a dataset TOML or a folder, from ``--project`` / ``--dataset_config`` / FOLDER."""
     given = [x for x in (args.project, getattr(args, "dataset_config", None), getattr(args, "folder", None)) if x]
     if len(given) != 1:
-        raise ValueError("say what to use: --project NAME, --dataset-config TOML or a folder (exactly one)")
+        raise ValueError("say what to use: --project NAME, --dataset_config TOML or a folder (exactly one)")
     return _project(args) or Path(given[0])
 
 

@@ -68,7 +68,7 @@ def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
     else:
         config, inline, base_dir = cls(), {}, Path.cwd()
     config = merge_cli(config, args)
-    if getattr(args, "auto_fit", None):  # `nbkit train <method> --auto-fit [GPU]`: fit the GPU by the estimator
+    if getattr(args, "auto_fit", None):  # `nbkit train <method> --auto_fit [GPU]`: fit the GPU by the estimator
         from nbkit.estimate.cli import apply_auto_fit
 
         config = apply_auto_fit(config, args.auto_fit)

@@ -33,6 +33,24 @@ def test_captions_class_tokens_and_missing_caption(tmp_path):
         collect_items([DatasetSpec(subsets=[sub])])
 
 
+@pytest.mark.parametrize(("n_reg", "warns"), [(4, False), (6, True)])
+def test_surplus_reg_images_are_left_out_like_kohya(tmp_path, n_reg, warns):
+    """kohya train_util.py DreamBoothDataset: reg images are registered in order until there are as
+    many reg samples as train samples; the rest are never used, and only reg > train warns."""
+    import warnings
+
+    train = SubsetSpec(image_dir=_images(tmp_path / "t", 2, ["x"]), num_repeats=2, caption_extension=".txt")
+    reg = SubsetSpec(image_dir=_images(tmp_path / "r", n_reg, ["y"]), num_repeats=1, is_reg=True,
+                     caption_extension=".txt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        items, _ = collect_items([DatasetSpec(resolution=(32, 32), subsets=[train, reg])])
+    regs = [i for i in items if i.subset.is_reg]
+    assert sum(i.repeats for i in regs) == 4  # as many reg samples as train samples (2 images x 2)
+    assert [i.repeats for i in regs] == [1, 1, 1, 1] + [0] * (n_reg - 4)
+    assert any("never used" in str(w.message) for w in caught) == warns
+
+
 def test_reg_repeats_balanced_like_kohya(tmp_path):
     train = SubsetSpec(image_dir=_images(tmp_path / "t", 3, ["x"]), num_repeats=5, caption_extension=".txt")
     reg = SubsetSpec(image_dir=_images(tmp_path / "r", 4, ["y"]), num_repeats=1, is_reg=True, caption_extension=".txt")

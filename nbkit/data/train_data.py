@@ -97,14 +97,15 @@ def _validation_indices(n: int, ds: DatasetSpec, seed: int) -> set[int]:
 
 
 def _balance_reg_repeats(items: list[Item]) -> None:
-    """kohya (train_util.py): reg repeats are re-dealt so reg samples == train samples."""
+    """kohya (train_util.py, DreamBoothDataset.__init__): reg repeats are re-dealt so reg samples ==
+    train samples. With more reg samples than train samples kohya registers reg images in order until
+    it has as many as train samples, and the rest are never used (it warns only when reg > train)."""
     train = sum(i.repeats for i in items if not i.subset.is_reg)
     regs = [i for i in items if i.subset.is_reg]
     if not regs:
         return
-    if sum(i.repeats for i in regs) >= train:
+    if sum(i.repeats for i in regs) > train:
         warnings.warn("more regularisation images than training images: some are never used", stacklevel=3)
-        return
     for item in regs:
         item.repeats = 0
     n, first = 0, True

@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from nbkit.estimate import Setting, estimate, largest_batch
-from nbkit.estimate.calibration import CONTEXT_BYTES, ROWS, fit_context
+from nbkit.estimate.calibration import CONTEXT_BYTES, ROWS
+from nbkit.estimate.estimator import fit_context
 from nbkit.estimate.fit import gpu_memory
 
 GIB = 2**30

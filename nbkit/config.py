@@ -21,13 +21,11 @@ from typing import Any, TypeVar
 
 import tomli_w
 
+from nbkit.errors import ConfigError
+
 CONFIG_VERSION = 1
 DATASET_TABLES = ("general", "datasets")
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or value is wrong; the message names the file, the key and the fix."""
 
 
 def help_(text: str, group: str = "basic", choices: tuple | None = None) -> dict[str, Any]:

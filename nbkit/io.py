@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbkit.config import ConfigError
+from nbkit.errors import ConfigError
 
 #: a temporary file or folder whose writer cannot be checked is stale when unchanged this long (seconds)
 STALE_AFTER = 600.0

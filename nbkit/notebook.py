@@ -17,15 +17,14 @@ first (idempotently), so each one also runs on its own. Nothing is downloaded.
 from __future__ import annotations
 
 import importlib.util
-import os
 import tempfile
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from nbkit.project import Project
+from nbkit.runtime import demo_mode, demo_root
 
-DEMO_ENV = "NBKIT_DEMO"
 METHODS = ("lora", "dreambooth", "hypernetwork")
 STEPS = ("setup", "dataset", "tag", "configure", "train", "merge", "export")
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -45,18 +44,6 @@ DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
     "hypernetwork": {"max_train_steps": 8, "sample_every_n_steps": 4, "save_every_n_steps": 4, "learning_rate": "0.0005",
                      "gradient_checkpointing": False},
 }
-
-
-def demo_mode() -> bool:
-    """True when ``NBKIT_DEMO`` is set to anything but empty, 0, false or no."""
-    return os.environ.get(DEMO_ENV, "").strip().lower() not in ("", "0", "false", "no")
-
-
-def demo_root() -> Path:
-    """``$NBKIT_HOME/_demo`` if ``NBKIT_HOME`` is set, else ``<tempdir>/nbkit-demo-projects``: stable
-    across kernels, and never a real project's folder (no project name starts with ``_``)."""
-    home = os.environ.get("NBKIT_HOME")
-    return Path(home).expanduser() / "_demo" if home else Path(tempfile.gettempdir()) / "nbkit-demo-projects"
 
 
 def config_class(method: str):

@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,19 @@ PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "peft", "bitsand
             "onnxruntime", "onnxruntime-gpu", "ipywidgets")
 T4_NAMES = ("T4",)
 T4_GIB = (14.0, 16.5)  # a T4 reports ~14.6 GiB; cards in this range take the T4 presets as they are
+DEMO_ENV = "NBKIT_DEMO"
+
+
+def demo_mode() -> bool:
+    """True when ``NBKIT_DEMO`` is set to anything but empty, 0, false or no."""
+    return os.environ.get(DEMO_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def demo_root() -> Path:
+    """``$NBKIT_HOME/_demo`` if ``NBKIT_HOME`` is set, else ``<tempdir>/nbkit-demo-projects``: stable
+    across kernels, and never a real project's folder (no project name starts with ``_``)."""
+    home = os.environ.get("NBKIT_HOME")
+    return Path(home).expanduser() / "_demo" if home else Path(tempfile.gettempdir()) / "nbkit-demo-projects"
 
 
 def package_versions(names=PACKAGES) -> dict[str, str]:
@@ -104,8 +118,6 @@ def environment_report(verbose: bool = True) -> Environment:
     import torch
 
     from nbkit.colab import gpu_info, in_colab
-    from nbkit.notebook import demo_mode
-
     versions = {"nbkit": _nbkit_version(), **package_versions()}
     gpu = gpu_info()
     total, free = memory_gib()
@@ -123,15 +135,13 @@ def environment_report(verbose: bool = True) -> Environment:
 
 
 def _nbkit_version() -> str:
-    from nbkit import __version__
+    from nbkit._version import __version__
 
     return __version__
 
 
 def connect_drive(enabled: bool = True):
     """Mount Google Drive (Colab, not in demo mode); returns MyDrive or None, saying why."""
-    from nbkit.notebook import demo_mode, demo_root
-
     if demo_mode():
         print(f"demo mode: Google Drive is not used; demo projects live in {demo_root()}")
         return None
@@ -149,8 +159,6 @@ def hub_login():
     A token typed into the box is cleared from it at once and kept in this runtime's memory only
     (as ``HF_TOKEN`` for downloads of gated models); it is never printed or written to a file.
     A Colab secret named HF_TOKEN is found by every notebook, also after a runtime reset."""
-    from nbkit.notebook import demo_mode
-
     if demo_mode():
         print("demo mode: Hub login skipped (nothing is downloaded or uploaded)")
         return None

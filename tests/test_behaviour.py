@@ -544,7 +544,8 @@ def test_estimator_meets_its_stated_accuracy():
     0.95 GB): the README states the accuracy against the published T4 table, and every published
     row must be predicted within it; the shipped constant is what its fit gives."""
     from nbkit.estimate import estimate
-    from nbkit.estimate.calibration import CONTEXT_BYTES, ROWS, fit_context
+    from nbkit.estimate.calibration import CONTEXT_BYTES, ROWS
+    from nbkit.estimate.estimator import fit_context
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     claim = re.search(r"within ±([\d.]+)% on all (\w+) rows", readme)

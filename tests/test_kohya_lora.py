@@ -23,7 +23,6 @@ from nbkit.formats.kohya_lora import (
     build_metadata,
     check_kohya_state_dict,
     kohya_to_peft,
-    load_kohya_lora,
     precalculate_safetensors_hashes,
     save_kohya_lora,
     te_stem,
@@ -35,6 +34,7 @@ from nbkit.networks.lora import (
     export_kohya_state_dict,
     inject_lora,
     kohya_lora_targets,
+    load_kohya_lora,
     lora_parameters,
 )
 

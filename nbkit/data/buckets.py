@@ -132,29 +132,3 @@ def bucket_report(assignments: list[Reso], repeats: list[int] | None = None) -> 
     for reso, r in zip(assignments, repeats):
         samples[reso] += r
     return [(reso, images[reso], samples[reso]) for reso in sorted(images, key=lambda r: r[0] / r[1])]
-
-
-def bucket_bar_chart(rows: list[tuple[Reso, int, int]]):
-    """A matplotlib figure: images per bucket (the notebooks show it; CLI can save it)."""
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg",) and not _in_notebook():
-        matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(rows)), 3))
-    ax.bar([f"{w}x{h}" for (w, h), _, _ in rows], [n for _, n, _ in rows])
-    ax.set_ylabel("images")
-    ax.set_title("aspect-ratio buckets")
-    ax.tick_params(axis="x", rotation=60)
-    fig.tight_layout()
-    return fig
-
-
-def _in_notebook() -> bool:
-    try:
-        from IPython import get_ipython
-
-        return get_ipython() is not None
-    except ImportError:
-        return False

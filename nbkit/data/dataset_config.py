@@ -238,11 +238,20 @@ def kohya_subdirs(root: Path) -> tuple[list[tuple[Path, int, str | None]], list[
     return found, ignored
 
 
+def detect_caption_extension(folder: Path) -> str:
+    """The caption extension most images of ``folder`` have (``.txt`` when there are none)."""
+    from nbkit.data.images import IMAGE_EXTENSIONS
+    from nbkit.data.safe_extract import CAPTION_EXTENSIONS
+
+    stems = {p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
+    counts = {ext: sum(1 for s in stems if (folder / f"{s}{ext}").is_file()) for ext in CAPTION_EXTENSIONS}
+    best = max(CAPTION_EXTENSIONS, key=lambda ext: counts[ext])
+    return best if counts[best] else ".txt"
+
+
 def kohya_subdir_subsets(root: Path, is_reg: bool = False, caption_extension: str | None = None) -> list[SubsetSpec]:
     """The subsets of a kohya ``train_data_dir`` (or ``reg_data_dir``), warning about each ignored
     folder as kohya does; the caption extension is detected per folder unless given."""
-    from nbkit.data.importer import detect_caption_extension
-
     found, ignored = kohya_subdirs(root)
     for folder, why in ignored:
         warnings.warn(f"{folder}: ignored: it {why}; rename it to '<repeats>_<class tokens>' to train it",

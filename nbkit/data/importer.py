@@ -20,11 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nbkit.config import save_toml
-from nbkit.data.dataset_config import DatasetSpec, SubsetSpec, dataset_config_to_dict
+from nbkit.data.dataset_config import DatasetSpec, SubsetSpec, dataset_config_to_dict, detect_caption_extension
 from nbkit.data.fetch import download_archive, hf_dataset_snapshot
 from nbkit.data.images import IMAGE_EXTENSIONS, DatasetError
 from nbkit.data.safe_extract import (
-    CAPTION_EXTENSIONS,
     ExtractLimits,
     copy_planned,
     extract_zip,
@@ -62,14 +61,6 @@ def parse_kohya_folder_name(name: str) -> KohyaFolder:
     if len(words) == 1:
         return KohyaFolder(int(match[1]), None, words[0])
     return KohyaFolder(int(match[1]), words[0], words[1])
-
-
-def detect_caption_extension(folder: Path) -> str:
-    """The caption extension most images of ``folder`` have (``.txt`` when there are none)."""
-    stems = {p.stem for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS}
-    counts = {ext: sum(1 for s in stems if (folder / f"{s}{ext}").is_file()) for ext in CAPTION_EXTENSIONS}
-    best = max(CAPTION_EXTENSIONS, key=lambda ext: counts[ext])
-    return best if counts[best] else ".txt"
 
 
 def discover_subsets(root: Path, relative_to: Path | None = None) -> tuple[list[SubsetSpec], list[Path]]:

@@ -24,12 +24,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nbkit.estimate.setting import GB, Setting
+from nbkit.estimate.setting import Setting
 
 #: CUDA context, cuBLAS/cuDNN workspaces and everything else outside the tensors and the allocator's
-#: cache, in bytes: the constant that makes the FIT rows' relative errors smallest (see ``fit_context``).
+#: cache, in bytes: the constant that makes the FIT rows' relative errors smallest (see
+#: ``nbkit.estimate.estimator.fit_context``).
 CONTEXT_BYTES = 0.60e9
-#: Step-time constants (see ``flops.py``), fitted by ``fit_speed`` on the fp16 rows without accumulation.
+#: Step-time constants (see ``flops.py``), fitted on the fp16 rows without accumulation.
 UTILISATION_FP16 = 0.22
 UTILISATION_FP32 = 0.41
 MICRO_BATCH_SECONDS = 0.47
@@ -65,42 +66,6 @@ ROWS: tuple[PublishedRow, ...] = (
          gradient_checkpointing=False),
 )
 FIT_ROWS = tuple(r for r in ROWS if r.fit)
-
-
-def fit_context(rows=FIT_ROWS) -> float:
-    """The constant c (bytes) minimising sum(((simulated + c) / published - 1)**2) over ``rows``."""
-    from nbkit.estimate.estimator import simulated_bytes
-
-    weights = [1 / (r.gb * GB) ** 2 for r in rows]
-    gaps = [r.gb * GB - simulated_bytes(r.setting) for r in rows]
-    return sum(w * g for w, g in zip(weights, gaps)) / sum(weights)
-
-
-def fit_speed(rows=None) -> tuple[float, float, float]:
-    """(fp16 utilisation, fp32 utilisation, seconds per micro-batch) by least squares on the step
-    times of the rows without gradient accumulation (the accumulation rows' it/s are inconsistent:
-    two micro-batches in less time than one)."""
-    from nbkit.estimate.flops import count_flops, traffic_bytes
-    from nbkit.estimate.setting import GPUS
-
-    rows = [r for r in (rows or ROWS) if r.setting.gradient_accumulation_steps == 1 and r.setting.optimizer_type
-            == "AdamW8bit"]
-    params = 859_520_964  # SD1.5 U-Net
-    data = []
-    for r in rows:
-        bandwidth = traffic_bytes(r.setting, params) / (GPUS["T4"].bandwidth_gbs * 1e9)
-        data.append((r.setting.mixed_precision != "no", count_flops(r.setting), 1 / r.its - bandwidth))
-    fp16 = [(f, t) for half, f, t in data if half]
-    slope, fixed = _line([f for f, _ in fp16], [t for _, t in fp16])
-    fp32 = [(f, t - fixed) for half, f, t in data if not half]
-    slope32 = sum(f * t for f, t in fp32) / sum(f * f for f, _ in fp32)
-    return 1 / (slope * 65e12), 1 / (slope32 * 8.1e12), fixed
-
-
-def _line(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    n, mx, my = len(xs), sum(xs) / len(xs), sum(ys) / len(ys)
-    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
-    return slope, my - slope * mx if n else 0.0
 
 
 def speed_constants() -> tuple[float, float, float]:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from functools import lru_cache
 
 from nbkit.estimate import optimizer_memory
-from nbkit.estimate.setting import GIB, Estimate, Setting
+from nbkit.estimate.calibration import FIT_ROWS
+from nbkit.estimate.setting import GB, GIB, Estimate, Setting
 from nbkit.estimate.simulate import (
     ACTIVATIONS,
     CASTS,
@@ -33,6 +34,14 @@ CONTEXT = "CUDA context + workspaces (calibrated)"
 def simulated_bytes(setting: Setting) -> int:
     """Bytes the caching allocator reserves at the peak (no CUDA context)."""
     return replay(record_step(setting), setting).peak_reserved
+
+
+def fit_context(rows=FIT_ROWS) -> float:
+    """The constant c (bytes) minimising sum(((simulated + c) / published - 1)**2) over ``rows``
+    (published rows of :mod:`nbkit.estimate.calibration`; the shipped ``CONTEXT_BYTES`` is its value, rounded)."""
+    weights = [1 / (r.gb * GB) ** 2 for r in rows]
+    gaps = [r.gb * GB - simulated_bytes(r.setting) for r in rows]
+    return sum(w * g for w, g in zip(weights, gaps)) / sum(weights)
 
 
 @lru_cache(maxsize=256)

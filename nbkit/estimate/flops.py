@@ -8,7 +8,7 @@ One optimizer step on a GPU is modelled as
 
 - *utilisation*: the share of the tensor-core peak (T4: 65 TFLOPS fp16, 8.1 fp32) that training
   reaches. training-reference.md §3 has inference at about 16% of the fp16 peak (10.4 TFLOPS). Fitted
-  on the published T4 DreamBooth step times (``calibration.fit_speed``) the marginal rate is 22%
+  on the published T4 DreamBooth step times (``calibration.ROWS``) the marginal rate is 22%
   (14 TFLOPS): larger batches than inference's 2, same kernels. It is applied to other GPUs as the
   same share of their peak, which is optimistic for the faster ones.
 - *seconds per micro-batch*: what does not shrink with the batch: kernel launches, Python, the
@@ -22,16 +22,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from nbkit.estimate.setting import GPUS, Setting
+from nbkit.estimate.setting import GPUS, Setting, micro_setting
 
 FP32_TFLOPS = {"T4": 8.1, "L4": 30.3, "V100": 15.7, "A100-40GB": 19.5, "A100-80GB": 19.5}
 _CAST, _GRAD, _UNSCALE_CLIP = 6, 6, 12  # bytes read + written per trainable parameter
-
-
-def micro_setting(setting: Setting) -> Setting:
-    """The part of ``setting`` one forward + backward depends on (optimizer and accumulation do not)."""
-    return setting.replace(optimizer_type="AdamW8bit", foreach=None, gradient_accumulation_steps=1, use_ema=False,
-                           ema_on_cpu=True, train_batch_size=setting.unet_batch, with_prior_preservation=False)
 
 
 @lru_cache(maxsize=64)

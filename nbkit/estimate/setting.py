@@ -145,12 +145,10 @@ class Estimate:
         return "\n".join(lines)
 
 
-def optimizer_family(name: str) -> str:
-    """The optimizer_type in kohya's spelling when known (case-insensitive), else the name as given."""
-    from nbkit.train.optimizers import OPTIMIZERS
-
-    spec = OPTIMIZERS.get(name.strip().lower())
-    return spec.name if spec else name.strip()
+def micro_setting(setting: Setting) -> Setting:
+    """The part of ``setting`` one forward + backward depends on (optimizer and accumulation do not)."""
+    return setting.replace(optimizer_type="AdamW8bit", foreach=None, gradient_accumulation_steps=1, use_ema=False,
+                           ema_on_cpu=True, train_batch_size=setting.unet_batch, with_prior_preservation=False)
 
 
 def setting_from_config(config, method: str | None = None, arch: str | None = None) -> Setting:

@@ -20,7 +20,7 @@ from nbkit.estimate import optimizer_memory
 from nbkit.estimate.allocator import CachingAllocator
 from nbkit.estimate.models import MetaModels, build_models, weight_dtype
 from nbkit.estimate.modes import AllocationTrace, AutocastSim, Trace, run_backward
-from nbkit.estimate.setting import Setting
+from nbkit.estimate.setting import Setting, micro_setting
 
 WEIGHTS, TRAINABLE, EMA = "frozen weights", "trainable weights", "EMA weights"
 GRADS, STATES, STEP = "gradients", "optimizer states", "optimizer step temporaries"
@@ -132,8 +132,6 @@ def _record(setting: Setting) -> StepRecord:
 
 def record_step(setting: Setting) -> StepRecord:
     """The recorded micro-batch of ``setting`` (cached: optimizer and accumulation do not change it)."""
-    from nbkit.estimate.flops import micro_setting
-
     return _record(micro_setting(setting))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from nbkit.export.model_card import CardFacts
+from nbkit.export.card_facts import CardFacts
 
 WHAT = {
     "lora": "a LoRA (kohya format) for",

@@ -147,7 +147,7 @@ def upload(plan: UploadPlan, token: Secret, *, api=None, say: Callable[[str], No
     and upload the plan in one commit. Returns the repo URL. ``api``: an ``HfApi`` stand-in (tests)."""
     from huggingface_hub import HfApi
 
-    from nbkit import __version__
+    from nbkit._version import __version__
 
     api = api or HfApi(token=token.reveal(), library_name="nbkit", library_version=__version__)
     try:

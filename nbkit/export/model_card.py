@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from nbkit.export.card_facts import CardFacts
+from nbkit.export.card_text import card_body
 from nbkit.models.download import REPO_ID, hub_repo_from_url
 
 # ss_base_model_version / modelspec architecture -> (Hub base model, licence)
@@ -47,28 +48,6 @@ SETTINGS = {
 }  # fmt: skip
 _ABSOLUTE = re.compile(r"^(/|~|[A-Za-z]:[\\/]|\\\\)")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-
-
-@dataclass
-class CardFacts:
-    """Everything the card says; :func:`gather_facts` fills it from files."""
-
-    repo_id: str
-    kind: str  # lora | hypernetwork | dreambooth
-    weight_files: list[str]  # repo paths of the model files
-    diffusers_folder: bool = False  # a diffusers model at the repo root
-    base_model: str | None = None
-    base_model_note: str = ""
-    license: str = "creativeml-openrail-m"
-    trigger_words: list[str] = field(default_factory=list)
-    instance_prompt: str | None = None
-    widgets: list[tuple[str, str]] = field(default_factory=list)  # (prompt, repo path of the image)
-    gallery: list[str] = field(default_factory=list)  # sample images without a known prompt
-    settings: dict[str, str] = field(default_factory=dict)
-    dataset_images: int | None = None
-    dataset_repeats: int | None = None  # images x repeats per epoch
-    steps: int | None = None
-    title: str = ""
 
 
 def public_value(value: Any) -> Any:
@@ -210,7 +189,5 @@ def card_data(facts: CardFacts):
 def build_model_card(facts: CardFacts):
     """A ``huggingface_hub.ModelCard`` (``.content`` is the README.md text)."""
     from huggingface_hub import ModelCard
-
-    from nbkit.export.card_text import card_body
 
     return ModelCard(f"---\n{card_data(facts).to_yaml()}\n---\n\n{card_body(facts)}")

@@ -212,7 +212,7 @@ def _ss_metadata(info: LoraTrainingInfo, base_version: str, v2: bool, reso: tupl
 
 def _modelspec(info: LoraTrainingInfo, arch_id: str, v_param: bool, reso: tuple[int, int], when: float) -> dict:
     """The modelspec block kohya ``sai_model_spec.build_metadata`` writes for a LoRA."""
-    from nbkit import __version__
+    from nbkit._version import __version__
 
     spec = {
         "modelspec.sai_model_spec": "1.0.1",

@@ -86,7 +86,7 @@ def lora_metadata(
     merged_from: Sequence[str] = (), resolution: str | None = None, extra: Mapping[str, str] | None = None,
 ) -> dict[str, str]:  # fmt: skip
     """kohya's minimal LoRA metadata plus the modelspec block (``sai_model_spec.build_metadata``)."""
-    from nbkit import __version__
+    from nbkit._version import __version__
 
     architecture, v2 = ARCHITECTURES[arch]
     meta = {"ss_network_module": "networks.lora", "ss_network_dim": dim, "ss_network_alpha": alpha,

@@ -99,10 +99,6 @@ def _cached_folder(name: str, digest: str, cache_dir: str | os.PathLike | None, 
     return target
 
 
-def shipped_config_names() -> list[str]:
-    return sorted(p.name for p in CONFIGS_ROOT.iterdir() if (p / "model_index.json").is_file())
-
-
 def shipped_config_dir(arch: str, cache_dir: str | os.PathLike | None = None) -> Path:
     """A complete diffusers config folder for ``arch`` (sd15|sd21|sd21-v), tokenizer included."""
     if arch not in SHIPPED_CONFIGS:

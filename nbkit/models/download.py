@@ -121,7 +121,7 @@ def _file_name(response, url: str) -> str:
 
 
 def _open(url: str, offset: int, timeout: float):
-    from nbkit import __version__
+    from nbkit._version import __version__
 
     headers = {"User-Agent": f"nbkit/{__version__}"}
     if offset:

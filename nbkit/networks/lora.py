@@ -12,6 +12,7 @@ the two identical; peft's default init (kaiming_uniform(a=√5) down, zeros up) 
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections import Counter
 from collections.abc import Iterator, Mapping
@@ -238,3 +239,62 @@ def export_kohya_state_dict(
     if sds["unet"] is None and sds["text_encoder"] is None:
         raise ValueError(f"neither the UNet nor the text encoder has a LoRA adapter named {adapter_name!r}")
     return peft_to_kohya(sds["unet"] or {}, sds["text_encoder"], alphas=alphas)
+
+
+def _fit(tensor: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
+    """Match a file tensor to the peft weight shape (1x1 conv <-> linear, as A1111/ComfyUI allow)."""
+    if tensor.shape == shape:
+        return tensor
+    if tensor.dim() == 4 and len(shape) == 2 and tuple(tensor.shape[2:]) == (1, 1) and tensor.shape[:2] == shape:
+        return tensor.flatten(1)
+    if tensor.dim() == 2 and len(shape) == 4 and tuple(shape[2:]) == (1, 1) and tensor.shape == shape[:2]:
+        return tensor[..., None, None]
+    raise ValueError(f"{what} has shape {tuple(tensor.shape)} but the model needs {tuple(shape)}")
+
+
+def load_kohya_lora(
+    path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor],
+    unet: torch.nn.Module | None,
+    text_encoder: torch.nn.Module | None,
+    *,
+    adapter_name: str = "default",
+) -> dict[str, list[str]]:
+    """Inject a peft adapter matching a kohya LoRA (ranks, alphas, conv shapes) and load its weights.
+
+    For continuing training or previews. The LoRA parameters end up float32 and trainable.
+    Returns ``{"unet": [...], "text_encoder": [...]}`` adapted module paths.
+    """
+    from nbkit.formats.kohya_lora import TE_PREFIX, UNET_PREFIX, kohya_to_peft
+
+    if isinstance(path_or_sd, Mapping):
+        sd, source = dict(path_or_sd), "kohya LoRA state dict"
+    else:
+        from safetensors.torch import load_file
+
+        source = str(path_or_sd)
+        if not source.endswith(".safetensors"):
+            raise ValueError(f"{source}: only kohya .safetensors LoRA files are supported")
+        sd = load_file(source)
+    models = {"unet": unet, "text_encoder": text_encoder}
+    for kind, prefix in (("unet", UNET_PREFIX), ("text_encoder", TE_PREFIX)):
+        if models[kind] is None and any(k.startswith(prefix) for k in sd):
+            raise ValueError(f"{source}: the file has {kind} LoRA weights but no {kind} was given")
+    names = {k: None if m is None else [n for n, _ in m.named_modules()] for k, m in models.items()}
+    unet_sd, te_sd, alphas, ranks = kohya_to_peft(
+        sd, unet_module_names=names["unet"], te_module_names=names["text_encoder"], source=source
+    )
+    result: dict[str, list[str]] = {"unet": [], "text_encoder": []}
+    for kind, peft_sd in (("unet", unet_sd), ("text_encoder", te_sd)):
+        model = models[kind]
+        if not peft_sd or model is None:
+            continue
+        paths = sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
+        modules = {p: (ranks[f"{kind}.{p}"], alphas[f"{kind}.{p}"]) for p in paths}
+        result[kind] = inject_lora_modules(model, modules, adapter_name=adapter_name)
+        with torch.no_grad():
+            for p in paths:
+                layer = model.get_submodule(p)
+                for part in ("lora_A", "lora_B"):
+                    weight = getattr(layer, part)[adapter_name].weight
+                    weight.copy_(_fit(peft_sd[f"{p}.{part}.weight"], weight.shape, f"{source}: {kind} {p} {part}"))
+    return result

@@ -58,7 +58,7 @@ def prepare_models(config, unet, text_encoder, vae, device, weight_dtype):
         else:
             model.to(device, dtype=dtype)
     if config.network_weights:  # continue from a kohya file: its ranks and alphas win
-        from nbkit.formats.kohya_lora import load_kohya_lora
+        from nbkit.networks.lora import load_kohya_lora
 
         load_kohya_lora(config.network_weights, unet, text_encoder)
         note = network_weights_note(config)

@@ -163,12 +163,6 @@ class Hypernetwork(nn.Module):
         modules = self.layers[str(size)]
         return modules[0], modules[1]
 
-    def set_multiplier(self, multiplier: float) -> None:
-        """A1111's ``set_multiplier``: the strength every module uses outside training."""
-        for modules in self.layers.values():
-            for module in modules:
-                module.multiplier = multiplier
-
     def structure(self) -> dict:
         """The fields two hypernetworks must share to have the same layout (blending, resume)."""
         return {"enable_sizes": self.sizes, "layer_structure": self.layer_structure,

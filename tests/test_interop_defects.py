@@ -286,3 +286,28 @@ def test_continuing_from_a_file_describes_the_files_ranks(tiny_model_dirs, tmp_p
     assert set(tensors) == set(first_tensors)
     assert all(torch.equal(tensors[k], first_tensors[k]) for k in tensors if k.endswith(".alpha"))
     assert meta["ss_network_dim"] == first_meta["ss_network_dim"]
+
+
+def test_relative_reg_data_dir_in_a_run_file_is_beside_the_file_for_class_images(tmp_path, monkeypatch):
+    """The datasets read ``reg_data_dir`` beside the run file; the class images must go there too,
+    not into a folder of the same name under the current directory."""
+    from types import SimpleNamespace
+
+    from nbkit.train.class_images import check_dreambooth_data, class_image_plan
+    from nbkit.train.dreambooth_config import DreamBoothTrainConfig, resolve_dreambooth_datasets
+    from nbkit.train.run_file import config_from_args
+
+    project = tmp_path / "project"
+    _instance_folder(project)
+    (project / "reg").mkdir()
+    run = project / "run.toml"
+    run.write_text('pretrained_model_name_or_path = "unused"\ntrain_data_dir = "data"\nreg_data_dir = "reg"\n'
+                   'num_class_images = 3\nclass_prompt = "shape"\nresolution = 64\n', encoding="utf-8")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    config, inline, base_dir = config_from_args(SimpleNamespace(config=str(run)), DreamBoothTrainConfig)
+    datasets = check_dreambooth_data(config, resolve_dreambooth_datasets(config, inline, base_dir))
+    plan = class_image_plan(config, datasets)
+    assert plan.folder == project / "reg" / "1_shape", plan.folder
+    assert not (elsewhere / "reg").exists()

@@ -74,8 +74,28 @@ def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
         config = apply_auto_fit(config, args.auto_fit)
     # Checked once the flags are merged (a flag may fix a value of the file), before any model loads.
     flags = set(vars(args))
+    if run_file:
+        config = _anchor_folders(config, base_dir, flags)
 
     def where(name: str) -> str:
         return "command line" if name in flags or not run_file else str(run_file)
 
     return checked_config(config, where), inline, base_dir
+
+
+# kohya folder options: a relative one in a run file means a folder beside that file, as the
+# dataset paths do (folder_datasets). Anchored once here, so the class images DreamBooth generates
+# land in the folder its datasets read, whatever the current directory. Flags stay relative to it.
+FOLDER_OPTIONS = ("train_data_dir", "reg_data_dir", "class_data_dir")
+
+
+def _anchor_folders(config: T, base_dir: Path, flags: set[str]) -> T:
+    import dataclasses
+
+    changes = {}
+    for name in FOLDER_OPTIONS:
+        value = getattr(config, name, None)
+        if value and name not in flags and not Path(value).expanduser().is_absolute():
+            changes[name] = str(base_dir / Path(value).expanduser())
+    return dataclasses.replace(config, **changes) if changes else config
+

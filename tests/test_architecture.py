@@ -2,7 +2,8 @@
 functions) never reaches back into the networks or the trainers.
 
 Every ``import`` statement counts, also the ones inside functions (a lazy import still ties the two modules
-together). ``from nbkit.x import y`` is an edge to ``nbkit.x.y`` when that is a module, else to ``nbkit.x``.
+together). ``from nbkit.x import y`` is an edge to ``nbkit.x`` (its ``__init__`` runs) and to ``nbkit.x.y`` when
+that is a module.
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ def import_graph() -> dict[str, dict[str, int]]:
                     base = ".".join(base_parts + ([node.module] if node.module else []))
                 else:
                     base = node.module or ""
-                targets = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                           for alias in node.names]
+                # ``from pkg import sub`` runs ``pkg/__init__`` too: an edge to both
+                targets = [base] + [f"{base}.{alias.name}" for alias in node.names if f"{base}.{alias.name}" in modules]
             else:
                 continue
             for target in targets:

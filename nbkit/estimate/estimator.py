@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from nbkit.estimate import optimizer_memory
 from nbkit.estimate.calibration import FIT_ROWS
+from nbkit.estimate.optimizer_memory import describe as describe_optimizer
+from nbkit.estimate.optimizer_memory import known as known_optimizer
 from nbkit.estimate.setting import GB, GIB, Estimate, Setting
 from nbkit.estimate.simulate import (
     ACTIVATIONS,
@@ -55,8 +56,8 @@ def estimate(setting: Setting) -> Estimate:
     breakdown[CACHE] = (alloc.peak_reserved - alloc.peak_allocated) / GIB
     breakdown[CONTEXT] = CONTEXT_BYTES / GIB
     notes = list(record.notes)
-    if not optimizer_memory.known(setting.optimizer_type):
-        notes.append(optimizer_memory.describe(setting.optimizer_type))
+    if not known_optimizer(setting.optimizer_type):
+        notes.append(describe_optimizer(setting.optimizer_type))
     if setting.method == "dreambooth" and setting.use_ema and setting.ema_on_cpu:
         notes.append("use_ema with ema_on_cpu: the EMA copy is in system RAM, not counted here")
     if setting.unet_batch != setting.train_batch_size:

@@ -51,9 +51,9 @@ def count_flops(setting: Setting) -> int:
 
 def traffic_bytes(setting: Setting, trainable_params: int) -> float:
     """Weight-sized memory traffic of one optimizer step (casts, gradient handling, update)."""
-    from nbkit.estimate import optimizer_memory
+    from nbkit.estimate.optimizer_memory import state_bytes
 
-    state = optimizer_memory.state_bytes(setting.optimizer_type, (1 << 20,), 4) / (1 << 20)
+    state = state_bytes(setting.optimizer_type, (1 << 20,), 4) / (1 << 20)
     optimizer = 12 + 2 * state  # read weights, gradients, states; write weights, states
     casts = _CAST * (2 if setting.gradient_checkpointing else 1) if setting.mixed_precision != "no" else 0
     per_micro = casts + _GRAD

@@ -16,10 +16,10 @@ from functools import lru_cache
 
 import torch
 
-from nbkit.estimate import optimizer_memory
 from nbkit.estimate.allocator import CachingAllocator
 from nbkit.estimate.models import MetaModels, build_models, weight_dtype
 from nbkit.estimate.modes import AllocationTrace, AutocastSim, Trace, run_backward
+from nbkit.estimate.optimizer_memory import state_bytes, step_temporaries
 from nbkit.estimate.setting import Setting, micro_setting
 
 WEIGHTS, TRAINABLE, EMA = "frozen weights", "trainable weights", "EMA weights"
@@ -172,8 +172,8 @@ def replay(record: StepRecord, setting: Setting, steps: int = 2) -> CachingAlloc
             grads += _replay_micro(alloc, record, keep_grads=micro == 0)
         if step == 0:
             for shape, element in record.trainable:
-                alloc.malloc(optimizer_memory.state_bytes(name, shape, element), STATES)
-        temporaries = optimizer_memory.step_temporaries(name, [s for s, _ in record.trainable],
+                alloc.malloc(state_bytes(name, shape, element), STATES)
+        temporaries = step_temporaries(name, [s for s, _ in record.trainable],
                                                         record.trainable[0][1] if record.trainable else 4,
                                                         setting.foreach)
         blocks = [alloc.malloc(n, STEP) for n in temporaries]

@@ -13,11 +13,8 @@ spellings are accepted too). Heavy modules are imported only when a command runs
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import re
 import sys
-import types
-import typing
 from functools import wraps
 
 from nbkit.config import add_dataclass_arguments, merge_cli
@@ -36,23 +33,6 @@ def _friendly(func):
             return 2
 
     return run
-
-
-def _add_dash_aliases(parser: argparse.ArgumentParser, cls) -> None:
-    """Accept ``--repo-id`` for kohya's ``--repo_id`` (aliases hidden from --help)."""
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if "_" not in f.name:
-            continue
-        tp = hints[f.name]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = tp if tp in (int, float) else str
-        parser.add_argument("--" + f.name.replace("_", "-"), **kwargs)
 
 
 @_friendly
@@ -145,8 +125,7 @@ def _add_tagger(kinds, name: str, cls, func, help_text: str) -> None:
     parser = kinds.add_parser(name, help=help_text)
     parser.add_argument("dir", help="image folder")
     parser.add_argument("--backup-dir", "--backup_dir", help="keep caption backups here (default DIR/.nbkit_caption_backup)")
-    add_dataclass_arguments(parser, cls)
-    _add_dash_aliases(parser, cls)
+    add_dataclass_arguments(parser, cls)  # dashed spellings come from nbkit.cli_parser, for every flag
     # kohya command lines paste as they are: its misspelt alias, and --onnx (always on here)
     parser.add_argument("--caption_extention", dest="caption_extension", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--onnx", action="store_true", help=argparse.SUPPRESS)

@@ -256,8 +256,7 @@ def _pipeline_kwargs(torch_dtype: torch.dtype) -> dict:
     }
 
 
-def _load_folder(folder: Path, v2: bool | None, v_param: bool | None, torch_dtype: torch.dtype, info: dict,
-                 text_to_image: bool = True):
+def _load_folder(folder: Path, v2: bool | None, v_param: bool | None, torch_dtype: torch.dtype, info: dict):
     from diffusers import StableDiffusionPipeline
 
     if not (folder / "model_index.json").is_file():
@@ -265,8 +264,7 @@ def _load_folder(folder: Path, v2: bool | None, v_param: bool | None, torch_dtyp
             f"{folder}: a folder without model_index.json is not a diffusers model; pass a diffusers "
             "model folder or a single .safetensors/.ckpt file"
         )
-    if text_to_image:
-        check_text_to_image(_folder_in_channels(folder), folder)
+    check_text_to_image(_folder_in_channels(folder), folder)
     pipe = StableDiffusionPipeline.from_pretrained(str(folder), **_pipeline_kwargs(torch_dtype))
     notes = []
     detected_v2 = _pipeline_is_v2(pipe)
@@ -313,13 +311,12 @@ def _single_file_prediction(v2: bool, meta: dict, folder: Path | None, notes: li
 
 def _load_single_file(
     path: Path, v2: bool | None, v_param: bool | None, config_dir: str | None, torch_dtype, cache_dir, info: dict,
-    text_to_image: bool = True,
 ):
     from diffusers import StableDiffusionPipeline
 
     shapes, meta = inspect_single_file(path)
     first_conv = shapes.get(FIRST_CONV)
-    if text_to_image and first_conv is not None and len(first_conv) == 4:
+    if first_conv is not None and len(first_conv) == 4:
         check_text_to_image(first_conv[1], path)
     notes: list[str] = []
     detected_v2 = detect_v2(shapes, path)
@@ -369,19 +366,17 @@ def load_pipeline(
     config_dir: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     cache_dir: str | None = None,
-    text_to_image: bool = True,
 ):
     """Load an SD1.x/SD2.x ``StableDiffusionPipeline`` (no safety checker); return ``(pipe, ModelInfo)``.
 
     ``v2``/``v_parameterization`` override detection. ``config_dir`` is the diffusers folder used for
     a single file's configs and tokenizer. ``cache_dir`` is the Hugging Face cache for repo ids and
     the root for URL downloads and rebuilt config folders (default ``~/.cache/nbkit``).
-    ``text_to_image`` (default) refuses inpainting / instruct-pix2pix U-Nets with a :class:`ConfigError`
-    before anything is built; a converter that only copies weights may pass False.
+    Inpainting / instruct-pix2pix U-Nets are refused with a :class:`ConfigError` before anything is built.
     """
     name = os.fspath(pretrained_model_name_or_path)
     kind, path = resolve(name, cache_dir)
     info = {"source": kind, "name": name}
     if path.is_dir():
-        return _load_folder(path, v2, v_parameterization, torch_dtype, info, text_to_image)
-    return _load_single_file(path, v2, v_parameterization, config_dir, torch_dtype, cache_dir, info, text_to_image)
+        return _load_folder(path, v2, v_parameterization, torch_dtype, info)
+    return _load_single_file(path, v2, v_parameterization, config_dir, torch_dtype, cache_dir, info)

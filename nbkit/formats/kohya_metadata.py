@@ -45,6 +45,7 @@ class LoraTrainingInfo:
     """
 
     arch: str = "sd15"
+    network_module: str = "networks.lora"  # kohya network_module (ss_network_module)
     network_dim: int | str = 4  # "Dynamic" when the modules' ranks differ (kohya resize_lora)
     network_alpha: float | str = 1.0
     conv_dim: int | str | None = None
@@ -179,7 +180,7 @@ def _ss_metadata(info: LoraTrainingInfo, base_version: str, v2: bool, reso: tupl
         "ss_max_train_steps": info.max_train_steps,
         "ss_lr_warmup_steps": info.lr_warmup_steps,
         "ss_lr_scheduler": info.lr_scheduler,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": info.network_module,
         "ss_network_dim": info.network_dim,
         "ss_network_alpha": _alpha_value(info.network_alpha),
         "ss_mixed_precision": info.mixed_precision,
@@ -253,3 +254,14 @@ def build_metadata(info: LoraTrainingInfo | None = None, /, **fields: Any) -> di
     metadata = {k: str(v) for k, v in meta.items()}
     metadata.update(_modelspec(info, arch_id, v_param, reso, float(meta["ss_training_finished_at"])))
     return metadata
+
+
+def file_network_shape(path) -> NetworkShape:
+    """The :class:`NetworkShape` of a kohya LoRA file (header and alphas only)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith(".lora_down.weight")}
+        alphas = {k: f.get_tensor(k).float().item() for k in keys if k.endswith(".alpha")}
+    return network_shape(shapes, alphas)

@@ -298,3 +298,76 @@ def load_kohya_lora(
                     weight = getattr(layer, part)[adapter_name].weight
                     weight.copy_(_fit(peft_sd[f"{p}.{part}.weight"], weight.shape, f"{source}: {kind} {p} {part}"))
     return result
+
+
+class LoRANetwork:
+    """kohya ``networks.lora`` (LoRA, and LoCon with ``conv_dim``) as a network plug-in
+    (:mod:`nbkit.networks.base`): peft adapters in kohya's module set, kohya's dropouts, kohya files."""
+
+    module = "networks.lora"
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.models: dict[str, nn.Module] = {}
+
+    def inject(self, models: Mapping[str, nn.Module]) -> None:
+        """kohya's module set with the config's ranks, or a kohya file's ranks and weights
+        (``network_weights``: training continues from it)."""
+        from nbkit.networks.dropout import add_lora_dropouts
+
+        config = self.config
+        self.models = dict(models)
+        unet, text_encoder = models.get("unet"), models.get("text_encoder")
+        if config.network_weights:  # continue from a kohya file: its ranks and alphas win
+            load_kohya_lora(config.network_weights, unet, text_encoder)
+            note = network_weights_note(config)
+            if note:
+                print(note)
+        else:
+            inject_lora(unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
+                        train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
+                        conv_dim=config.conv_dim, conv_alpha=config.conv_alpha)
+        for model in (unet, text_encoder):
+            add_lora_dropouts(model, network_dropout=config.network_dropout, rank_dropout=config.rank_dropout,
+                              module_dropout=config.module_dropout)
+
+    def parameters(self, part: str) -> list[nn.Parameter]:
+        trains = {"unet": self.config.train_unet, "text_encoder": self.config.train_text_encoder}
+        return list(lora_parameters(self.models.get(part))) if trains.get(part) else []
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return export_kohya_state_dict(self.models.get("unet"), self.models.get("text_encoder"))
+
+    def metadata(self, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, object]:
+        """The config's ranks; continued from a file, the ranks of the weights trained (kohya
+        ``networks/lora.py::create_network_from_weights`` reads them from the tensors the same way)."""
+        from nbkit.formats.kohya_metadata import network_shape
+
+        config = self.config
+        if not config.network_weights:
+            return {"network_module": self.module, "network_dim": config.network_dim,
+                    "network_alpha": config.network_alpha, "conv_dim": config.conv_dim, "conv_alpha": config.conv_alpha}
+        state = self.state_dict() if state is None else state
+        shape = network_shape({k: tuple(v.shape) for k, v in state.items() if k.endswith(".lora_down.weight")},
+                              {k: v.float().item() for k, v in state.items() if k.endswith(".alpha")})
+        return {"network_module": self.module, "network_dim": shape.network_dim, "network_alpha": shape.network_alpha,
+                "conv_dim": shape.conv_dim, "conv_alpha": shape.conv_alpha}
+
+
+def network_weights_note(config) -> str | None:
+    """A note when ``network_weights`` holds other ranks/alphas than the config asks for: training goes
+    on at the file's (as kohya ``train_network.py --dim_from_weights``, which builds the network with
+    ``networks/lora.py::create_network_from_weights``: dim = ``lora_down.shape[0]``, alpha = ``.alpha``)."""
+    from nbkit.formats.kohya_metadata import file_network_shape
+
+    shape = file_network_shape(config.network_weights)
+    alpha = config.network_alpha or config.network_dim  # kohya: alpha 0/None means alpha = dim
+    conv_alpha = (1.0 if config.conv_alpha is None else config.conv_alpha) if config.conv_dim else None
+    wanted = (config.network_dim, float(alpha), config.conv_dim or None, conv_alpha)
+    if (shape.network_dim, shape.network_alpha, shape.conv_dim, shape.conv_alpha) == wanted:
+        return None
+    asked = f"network_dim={config.network_dim}, network_alpha={config.network_alpha}"
+    asked += f", conv_dim={config.conv_dim}, conv_alpha={config.conv_alpha}" if config.conv_dim else ""
+    return (f"note: network_weights {config.network_weights} holds {shape.describe()}; training continues at the "
+            f"file's ranks and alphas and the saved metadata says so ({asked} from the config are not used): "
+            "set them to the file's values to silence this note")

@@ -19,6 +19,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+NETWORK_MODULES = ("networks.lora",)  # kohya network_module names nbkit trains (nbkit.networks.base.NETWORKS)
 
 
 @dataclass
@@ -197,7 +198,10 @@ def check_positive_rate(config, where: Where, name: str, fix: str, allow_zero: b
 
 @dataclass
 class LoRATrainConfig(TrainConfig):
-    network_module: str = field(default="networks.lora", metadata=help_("Network type (kohya name).", "advanced", ("networks.lora",)))
+    network_module: str = field(default="networks.lora", metadata=help_("Network type (kohya name).", "advanced", NETWORK_MODULES))
+    network_args: list[str] | None = field(
+        default=None, metadata=help_("Extra network options as kohya writes them, e.g. [\"algo=loha\", \"factor=8\"].", "advanced")
+    )
     network_dim: int = field(default=16, metadata=help_("LoRA rank. 8-32 for a character or style."))
     network_alpha: float = field(default=8.0, metadata=help_("LoRA alpha; the update is scaled by alpha/dim."))
     conv_dim: int | None = field(default=None, metadata=help_("LoCon: also train 3x3 ResNet/sampler convs with this rank.", "advanced"))

@@ -333,7 +333,10 @@ class LoRANetwork:
 
     def parameters(self, part: str) -> list[nn.Parameter]:
         trains = {"unet": self.config.train_unet, "text_encoder": self.config.train_text_encoder}
-        return list(lora_parameters(self.models.get(part))) if trains.get(part) else []
+        model = self.models.get(part)
+        if not trains.get(part) or model is None:
+            return []
+        return [p for n, p in model.named_parameters() if {"lora_A", "lora_B"} & set(n.split("."))]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return export_kohya_state_dict(self.models.get("unet"), self.models.get("text_encoder"))

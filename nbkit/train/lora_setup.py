@@ -6,14 +6,13 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from nbkit.config import ConfigError
 from nbkit.data.captions import process_caption
 from nbkit.data.train_data import caption_options
-from nbkit.networks.dropout import add_lora_dropouts
 from nbkit.train.common import (
     enable_te_checkpointing,
     encode_captions,
@@ -24,8 +23,6 @@ from nbkit.train.common import (
 )
 from nbkit.train.hooks import HookList, LossRecorder, TrainHooks
 
-if TYPE_CHECKING:
-    from nbkit.formats.kohya_metadata import NetworkShape
 
 
 def load_base(config, pipeline, model_info, weight_dtype, device):
@@ -47,7 +44,7 @@ def load_base(config, pipeline, model_info, weight_dtype, device):
 
 def prepare_models(config, unet, text_encoder, vae, device, weight_dtype):
     """Freeze the base, move it, inject (or load) the LoRA; return the trainable parameters."""
-    from nbkit.networks.lora import inject_lora, lora_parameters
+    from nbkit.networks.base import make_network
 
     for model in (unet, text_encoder, vae):
         model.requires_grad_(False)
@@ -57,24 +54,9 @@ def prepare_models(config, unet, text_encoder, vae, device, weight_dtype):
             model.to(device)
         else:
             model.to(device, dtype=dtype)
-    if config.network_weights:  # continue from a kohya file: its ranks and alphas win
-        from nbkit.networks.lora import load_kohya_lora
-
-        load_kohya_lora(config.network_weights, unet, text_encoder)
-        note = network_weights_note(config)
-        if note:
-            print(note)
-    else:
-        inject_lora(
-            unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
-            train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
-            conv_dim=config.conv_dim, conv_alpha=config.conv_alpha,
-        )
-    for model in (unet, text_encoder):
-        add_lora_dropouts(model, network_dropout=config.network_dropout, rank_dropout=config.rank_dropout,
-                          module_dropout=config.module_dropout)
-    unet_params = list(lora_parameters(unet)) if config.train_unet else []
-    te_params = list(lora_parameters(text_encoder)) if config.train_text_encoder else []
+    network = make_network(config)
+    network.inject({"unet": unet, "text_encoder": text_encoder})
+    unet_params, te_params = network.parameters("unet"), network.parameters("text_encoder")
     for model in (unet, text_encoder):
         model.requires_grad_(False)
     for p in unet_params + te_params:
@@ -86,36 +68,6 @@ def prepare_models(config, unet, text_encoder, vae, device, weight_dtype):
             enable_te_checkpointing(text_encoder)
     set_attention(config, unet)
     return unet_params, te_params
-
-
-def file_network_shape(path: str | Path) -> NetworkShape:
-    """The :class:`~nbkit.formats.kohya_metadata.NetworkShape` of a kohya LoRA file (header and alphas only)."""
-    from safetensors import safe_open
-
-    from nbkit.formats.kohya_metadata import network_shape
-
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-        shapes = {k: f.get_slice(k).get_shape() for k in keys if k.endswith(".lora_down.weight")}
-        alphas = {k: f.get_tensor(k).float().item() for k in keys if k.endswith(".alpha")}
-    return network_shape(shapes, alphas)
-
-
-def network_weights_note(config) -> str | None:
-    """A note when ``network_weights`` holds other ranks/alphas than the config asks for: training goes
-    on at the file's (as kohya ``train_network.py --dim_from_weights``, which builds the network with
-    ``networks/lora.py::create_network_from_weights``: dim = ``lora_down.shape[0]``, alpha = ``.alpha``)."""
-    shape = file_network_shape(config.network_weights)
-    alpha = config.network_alpha or config.network_dim  # kohya: alpha 0/None means alpha = dim
-    conv_alpha = (1.0 if config.conv_alpha is None else config.conv_alpha) if config.conv_dim else None
-    wanted = (config.network_dim, float(alpha), config.conv_dim or None, conv_alpha)
-    if (shape.network_dim, shape.network_alpha, shape.conv_dim, shape.conv_alpha) == wanted:
-        return None
-    asked = f"network_dim={config.network_dim}, network_alpha={config.network_alpha}"
-    asked += f", conv_dim={config.conv_dim}, conv_alpha={config.conv_alpha}" if config.conv_dim else ""
-    return (f"note: network_weights {config.network_weights} holds {shape.describe()}; training continues at the "
-            f"file's ranks and alphas and the saved metadata says so ({asked} from the config are not used): "
-            "set them to the file's values to silence this note")
 
 
 def cache_text(config, items, tokenizer, text_encoder, info, device, te_trained: bool):

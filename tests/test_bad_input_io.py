@@ -368,17 +368,17 @@ def _run_file(tmp_path, model_dir) -> Path:
 def no_model_load(monkeypatch):
     """Loading a model is an error: the checks must come first."""
     import nbkit.models.load
+    import nbkit.train.base_model
     import nbkit.train.dreambooth
+    import nbkit.train.hypernetwork
     import nbkit.train.lora
-    import nbkit.train.lora_setup
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the resume check")
 
     monkeypatch.setattr(nbkit.models.load, "load_pipeline", refuse)
-    monkeypatch.setattr(nbkit.train.lora_setup, "load_base", refuse)
-    monkeypatch.setattr(nbkit.train.lora, "load_base", refuse)
-    monkeypatch.setattr(nbkit.train.dreambooth, "load_base", refuse)
+    for module in (nbkit.train.base_model, nbkit.train.lora, nbkit.train.dreambooth, nbkit.train.hypernetwork):
+        monkeypatch.setattr(module, "load_base", refuse)
 
 
 @pytest.mark.parametrize("method", ["lora", "dreambooth"])

@@ -237,7 +237,7 @@ def test_vae_option_loads_an_a1111_vae_file(tiny_pipe, tmp_path):
 
     from nbkit.formats.ldm_checkpoint import vae_to_ldm
     from nbkit.models.tiny import build_tiny_components
-    from nbkit.train.lora_setup import load_vae
+    from nbkit.train.base_model import load_vae
 
     base = tiny_pipe("sd15").vae
     other = build_tiny_components("sd15", seed=9)["vae"]

@@ -208,7 +208,7 @@ def test_templates_captions_and_config_errors(images, tmp_path):
     assert fixed.batch([(0, False)], random.Random(1), state) == [f"hn {items[0].caption}"]
     moving = TemplateCaptions(items, ["[filewords]"], "hn", True, 0.0, random.Random(0))
     assert moving.fixed is None
-    for bad, match in (({"save_state": True}, "save_optimizer_state"), ({"xformers": True}, "xformers"),
+    for bad, match in (({"save_every_n_epochs": 1}, "save_every_n_steps"), ({"xformers": True}, "xformers"),
                        ({"clip_grad_mode": "norm", "max_grad_norm": 1.0}, "keep one"),
                        ({"tag_drop_out": 1.5}, "tag_drop_out")):
         config = _config("model", tmp_path, images, **bad)

@@ -46,7 +46,9 @@ def test_kill_and_resume_gives_the_same_lora(tiny_model_dirs, tmp_path):
         assert _run(resumed, datasets_raw, tmp_path, kill) == -9
         for path in (tmp_path / "resumed").rglob("*.safetensors"):
             load_file(str(path))  # nothing truncated: every visible file loads
-    assert _run(resumed, datasets_raw, tmp_path) == 0
+    # resumed from a state of step >= 4, the last run needs at most 5 updates: a fresh start would be
+    # killed at its 6th
+    assert _run(resumed, datasets_raw, tmp_path, "step:6") == 0
 
     ours = load_file(str(tmp_path / "resumed" / "lora.safetensors"))
     theirs = load_file(str(tmp_path / "reference" / "lora.safetensors"))
@@ -97,3 +99,52 @@ def test_nan_loss_stops_with_a_clear_message(tiny_model_dirs, tmp_path):
     raw = {"datasets": [{"subsets": [{"image_dir": str(images), "caption_extension": ".txt"}]}]}
     with pytest.raises(TrainingError, match="NaN/inf at step 2: lower learning_rate"):
         train_lora(config, resolve_datasets(config, raw, tmp_path), device="cpu")
+
+
+HYPERNETWORK_CHILD = """
+from pathlib import Path
+from nbkit.networks.hypernetwork.cli import hypernetwork_datasets
+from nbkit.train.hypernetwork import train_hypernetwork
+from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
+
+config, base = PAYLOAD
+cfg = HypernetworkTrainConfig(**config)
+train_hypernetwork(cfg, hypernetwork_datasets(cfg, {}, Path(base)), device="cpu")
+"""
+
+
+def test_kill_and_resume_gives_the_same_hypernetwork(tiny_model_dirs, tmp_path):
+    """A hypernetwork with save_state resumes exactly after kill -9: per-step tag shuffling and dropout
+    (the Python RNG), an A1111 lr string and a clip-value schedule (both stepped by step count)."""
+    import torch
+
+    model_dir, _ = tiny_model_dirs("sd15")
+    images = make_sample_dataset(tmp_path / "imgs", size=64)
+    base = dict(pretrained_model_name_or_path=str(model_dir), resolution=64, train_data_dir=str(images),
+                train_batch_size=2, max_train_steps=7, learning_rate="1e-2:3, 5e-3:5, 1e-3", mixed_precision="no",
+                gradient_checkpointing=False, activation_func="relu", template_file="subject_filewords.txt",
+                shuffle_tags=True, tag_drop_out=0.3, clip_grad_mode="value", clip_grad_value="0.1:4, 0.05",
+                dropout_structure="0, 0.3, 0", layer_structure="1, 2, 1", use_dropout=True, seed=5,
+                save_state=True, save_every_n_steps=2, output_name="hn")  # fmt: skip
+
+    def run(folder: str, kill: str = "", **extra) -> int:
+        return run_killable(HYPERNETWORK_CHILD, [dict(base, output_dir=str(tmp_path / folder), **extra),
+                                                 str(tmp_path)], kill)
+
+    assert run("reference") == 0
+    # killed mid-step at step 3 (a state exists for step 2), then mid-step at step 5 after resuming from 2
+    for kill in ("step:3", "step:4"):
+        assert run("resumed", kill, resume="latest") == -9
+    # resumed from the step-4 state, the last run needs 3 updates: a 4th (a fresh start) would be killed
+    assert run("resumed", "step:4", resume="latest") == 0
+
+    ours = torch.load(tmp_path / "resumed" / "hn.pt", weights_only=True)
+    theirs = torch.load(tmp_path / "reference" / "hn.pt", weights_only=True)
+    assert ours["step"] == theirs["step"] == 7
+    for size in (k for k in theirs if isinstance(k, int)):
+        for a, b in zip(ours[size], theirs[size], strict=True):
+            assert a.keys() == b.keys()
+            assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    first = torch.load(tmp_path / "reference" / "hn-2.pt", weights_only=True)
+    size = next(k for k in theirs if isinstance(k, int))
+    assert any((first[size][0][k] - theirs[size][0][k]).abs().max() > 0 for k in first[size][0])  # it trained

@@ -11,7 +11,7 @@ tuner registry:
   ``"text_encoder_2"``), for the optimizer's parameter groups and the resume state;
 - ``state_dict()``: the tensors the file holds, under the names the file uses (kohya/LyCORIS
   names), ready for ``formats/`` to write;
-- ``metadata()``: the fields of ``formats.kohya_metadata.LoraTrainingInfo`` that describe the
+- ``metadata(state=None)``: the fields of ``formats.kohya_metadata.LoraTrainingInfo`` that describe the
   trained network (``network_module``, ``network_dim``, ``network_alpha``, ``conv_dim``,
   ``conv_alpha``, ``network_args``), which become the file's ``ss_network_*`` keys.
 
@@ -53,7 +53,7 @@ class Network(Protocol):
 
     def state_dict(self) -> dict[str, torch.Tensor]: ...
 
-    def metadata(self) -> dict[str, object]: ...
+    def metadata(self, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, object]: ...
 
 
 def network_class(module: str) -> type[Network]:

@@ -108,23 +108,23 @@ def encode_captions(tokenizer, text_encoder, captions: list[str], config, v2: bo
 
 
 @torch.no_grad()
-def validation_loss(unet, text_encoder, tokenizer, noise_scheduler, latents, offset, items, config, weight_dtype,
-                    device, v_parameterization: bool = False, v2: bool = False):
-    """Mean loss of held-out images at fixed timesteps and fixed noise: comparable across epochs."""
+def validation_loss(run, unet, encode, latents=None) -> float:
+    """Mean loss of the run's held-out images at fixed timesteps and fixed noise: comparable across
+    epochs. ``encode`` turns captions into the U-Net's conditioning (the run's architecture)."""
     from nbkit.data.captions import CaptionOptions, process_caption
 
+    latents = run.latents if latents is None else latents
     was_training = unet.training
     unet.eval()
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(run.config.seed)
     losses = []
-    for index, item in enumerate(items):
-        x0, mask = latents.batch([(offset + index, False)], None)
-        caption = process_caption(item.caption, CaptionOptions(), None)  # raw caption, first line
-        cond = encode_captions(tokenizer, text_encoder, [caption], config, v2, device)
+    for index, item in enumerate(run.validation):
+        x0, mask = latents.batch([(len(run.items) + index, False)], None)
+        cond = encode([process_caption(item.caption, CaptionOptions(), None)])  # raw caption, first line
         for t in (100, 300, 500, 700, 900):
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            timesteps = torch.tensor([t], device=device)
-            losses.append(diffusion_loss(unet, noise_scheduler, x0.to(device), cond, weight_dtype, config,
-                                         v_parameterization, None, mask, timesteps, noise, generator).item())
+            noise = torch.randn(x0.shape, generator=generator).to(run.device)
+            timesteps = torch.tensor([t], device=run.device)
+            losses.append(run.diffusion_loss(unet, x0, cond, None, mask, timesteps=timesteps, noise=noise,
+                                             generator=generator).item())
     unet.train(was_training)
     return sum(losses) / len(losses)

@@ -1,16 +1,16 @@
-"""Hypernetwork training: one loop that reads top to bottom, A1111's ``train_hypernetwork``
-on nbkit's shared core (accelerate, kohya noise/loss options, buckets, latent cache, previews).
+"""Hypernetwork training: A1111's ``train_hypernetwork`` as a method of the one loop (accelerate,
+kohya noise/loss options, buckets, latent cache, previews, exact resume from state folders).
 
-Setup: load and freeze the base model, create the hypernetwork (or load a ``.pt`` to continue
-it), apply it to every ``attn1``/``attn2``, cache latents and fixed prompts, build the optimizer,
-the lr schedule (a number or an A1111 string) and the clip schedule. Then per step: prompt from
-the template, noise, predict, loss, backward, clip, step, log, preview, save, stop. The result
-is an A1111 ``.pt`` (plus ``.optim``) that A1111 and ComfyUI load as it is.
+The method: load and freeze the base model, create the hypernetwork (or load a ``.pt`` to continue
+it), apply it to every ``attn1``/``attn2``, cache latents (A1111's sampling method) and fixed
+prompts, build the optimizer, the lr schedule (a number or an A1111 string) and the clip schedule.
+A batch's prompts come from the template. The result is an A1111 ``.pt`` (plus ``.optim``) that
+A1111 and ComfyUI load as it is.
 """
 
 from __future__ import annotations
 
-import random
+import contextlib
 import re
 import warnings
 from dataclasses import dataclass, field, replace
@@ -19,20 +19,14 @@ from pathlib import Path
 import torch
 
 from nbkit.config import ConfigError
-from nbkit.data.captions import CaptionState
 from nbkit.data.dataset_config import DatasetSpec
-from nbkit.data.train_data import collect_items, epoch_batches, steps_per_epoch
 from nbkit.formats.a1111_hypernetwork import file_shorthash, load_optimizer_sidecar, save_optimizer_sidecar
 from nbkit.networks.hypernetwork.apply import apply_hypernetwork, attention_modules
 from nbkit.networks.hypernetwork.create import create_hypernetwork
 from nbkit.networks.hypernetwork.module import Hypernetwork
-from nbkit.train.common import (
-    diffusion_loss,
-    encode_captions,
-    make_lr_scheduler,
-    make_optimizer,
-    validation_loss,
-)
+from nbkit.train.architectures import conditioning_for
+from nbkit.train.base_model import load_base, place
+from nbkit.train.common import make_lr_scheduler, make_optimizer, validation_loss
 from nbkit.train.hooks import TrainHooks
 from nbkit.train.hypernetwork_config import HypernetworkTrainConfig, check_hypernetwork_config
 from nbkit.train.hypernetwork_data import (
@@ -42,11 +36,10 @@ from nbkit.train.hypernetwork_data import (
     fill_filename_captions,
     load_template,
 )
-from nbkit.train.lora import TrainingError, shard
-from nbkit.train.lora_setup import load_base, start_run
-from nbkit.train.noise import prepare_noise_scheduler
-from nbkit.train.sampling import load_sample_prompts, preview_for_run, should_sample
-from nbkit.train.schedules import A1111Schedule, a1111_schedule, is_a1111_schedule, schedule_finished
+from nbkit.train.loop import train
+from nbkit.train.method import Method
+from nbkit.train.schedules import A1111Schedule, a1111_schedule, is_a1111_schedule
+from nbkit.train.state import list_states, resolve_resume, state_dir
 
 
 @dataclass
@@ -61,6 +54,161 @@ class HypernetworkTrainResult:
     main_process: bool = True
 
 
+class HypernetworkMethod(Method):
+    fingerprint_keys = ("seed", "train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler",
+                        "clip_grad_mode", "clip_grad_value", "template_file")
+    nan_advice = "set clip_grad_mode, or check the dataset"
+
+    def check(self, datasets: list) -> list:
+        check_hypernetwork_config(self.config)
+        return datasets
+
+    def resume_path(self, run) -> Path | None:
+        """A state folder (exact resume): named by ``resume``, or the newest of this run for ``latest``.
+        A ``.pt`` (A1111's continue: its step count, lr schedule and ``.optim``) is found in ``load``."""
+        resume, config = self.config.resume, self.config
+        exact = (resume == "latest" and list_states(state_dir(config), config.output_name)) or (
+            resume and resume != "latest" and Path(resume).expanduser().is_dir())
+        self.continue_from = None if exact else resume
+        return resolve_resume(resume, state_dir(config), config.output_name) if exact else None
+
+    def load(self, run, pipeline, model_info) -> None:
+        """The base is frozen (the VAE in fp32: fp16 SD VAEs overflow); the hypernetwork is created
+        (or loaded from a .pt) and applied, in fp32."""
+        config = self.config
+        run.pipeline, run.info = load_base(config, pipeline, model_info, run.weight_dtype, run.device)
+        run.arch = conditioning_for(run.pipeline, run.info, config, run.device)
+        self.unet, self.text_encoder, vae = run.pipeline.unet, run.pipeline.text_encoder, run.pipeline.vae
+        for model in (vae, self.unet, self.text_encoder):
+            model.requires_grad_(False)
+        place(((vae, torch.float32), (self.unet, run.weight_dtype), (self.text_encoder, run.weight_dtype)), run.device)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()  # non-reentrant: the hypernetwork still gets its gradients
+        self.hypernetwork, self.resumed_optimizer = _start_hypernetwork(replace(config, resume=self.continue_from),
+                                                                        self.unet)
+        self.hypernetwork.to(run.device).train()
+        apply_hypernetwork(self.unet, self.hypernetwork, 1.0)  # the strength is 1 while training anyway (A1111)
+        self.params = list(self.hypernetwork.parameters())
+        self.start_step = self.hypernetwork.step
+
+    def prepare_data(self, run) -> None:
+        """Latents by A1111's method; prompts from the template. A continued .pt does not replay the
+        first batches nor the first noise: the RNGs start at seed + its step."""
+        from accelerate.utils import set_seed
+
+        config = self.config
+        fill_filename_captions(run.items + run.validation)
+        run.latents = cache_hypernetwork_latents(config, run.items + run.validation, run.pipeline.vae, run.device)
+        if self.start_step >= run.total_steps:
+            raise ConfigError(f"{self.hypernetwork.filename}: already trained for {self.start_step} steps, "
+                              f"max_train_steps is {run.total_steps}: raise max_train_steps to continue it")
+        run.rng.seed(config.seed + self.start_step)
+        set_seed(config.seed + self.start_step)
+        self.captions = TemplateCaptions(run.items, load_template(config.template_file), config.output_name,
+                                         config.shuffle_tags, config.tag_drop_out, run.rng)
+        self.encoder = CaptionEncoder(run.arch.encode, self.captions)
+        if self.captions.fixed is not None and not run.validation:
+            self.text_encoder.to("cpu")  # every prompt is encoded: the text encoder leaves the GPU until previews
+
+    def optimizer(self, run):
+        """The optimizer (its resumed state when the ``.optim`` matches), the lr schedule at the
+        start step and, with ``clip_grad_mode``, the clip-value schedule (same string parser)."""
+        optimizer, lr_scheduler, self.clip_schedule = _optimizer_and_schedules(
+            self.config, self.params, self.start_step, run.total_steps, self.resumed_optimizer)
+        return optimizer, StepOnSync(lr_scheduler, run.accelerator)
+
+    def prepare(self, run) -> None:
+        run.optimizer = run.accelerator.prepare(run.optimizer)  # the base is frozen: nothing else to wrap
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {f"hypernetwork.{n}": p for n, p in self.hypernetwork.named_parameters()}
+
+    def resumed(self, run, progress) -> None:
+        """After a state folder: the file's step count, and the clip schedule where it stood."""
+        self.hypernetwork.step = progress.step
+        if self.clip_schedule is not None:
+            self.clip_schedule = RateSchedule(str(self.config.clip_grad_value).strip(), run.total_steps, 0)
+            for step in range(progress.step):  # one call per micro-batch, as the run made them
+                for _ in range(self.config.gradient_accumulation_steps):
+                    self.clip_schedule.step(step)
+
+    def train_mode(self, run) -> None:
+        self.unet.train()
+
+    def accumulated_models(self) -> tuple:
+        return ()
+
+    def loss(self, run, batch, step: int) -> torch.Tensor:
+        """The template prompt, latents by A1111's method, noise, prediction."""
+        if self.clip_schedule is not None:
+            self.clip_schedule.step(step)  # A1111 advances the clip limit before every micro-batch
+        cond = self.encoder(self.captions.batch(batch, run.rng, run.caption_state), run.device)
+        x0, mask = run.latents.batch(batch, run.rng)
+        with run.accelerator.autocast():
+            return run.diffusion_loss(self.unet, x0, cond, run.prior_weights(batch), mask)
+
+    def clip(self, run) -> None:
+        _sync_and_clip(run.accelerator, self.config, self.params, self.clip_schedule)
+
+    def after_step(self, run, step: int) -> None:
+        self.hypernetwork.step = step
+
+    def start_info(self, run) -> dict:
+        return {**super().start_info(run), "start_step": self.start_step}
+
+    def step_file_name(self, step: int) -> str:
+        return f"{self.config.output_name}-{step}"  # A1111's name: <name>-<step>.pt
+
+    def save(self, run, name: str, step: int, final: bool) -> list[Path]:
+        config, hypernetwork = self.config, self.hypernetwork
+        hypernetwork.step, hypernetwork.name = step, config.output_name
+        hypernetwork.sd_checkpoint, hypernetwork.sd_checkpoint_name = _checkpoint_identity(
+            config.pretrained_model_name_or_path)
+        path = hypernetwork.save(Path(config.output_dir) / f"{name}.pt")
+        if config.save_optimizer_state:
+            save_optimizer_sidecar(path, config.optimizer_type, run.optimizer.state_dict())
+        return [path]
+
+    def validation_loss(self, run) -> float:
+        with self.previewing():
+            return validation_loss(run, self.unet, run.arch.encode, run.latents.for_validation())
+
+    @contextlib.contextmanager
+    def previewing(self):
+        self.hypernetwork.eval()  # dropout off, the strength is used: what A1111 shows
+        try:
+            yield
+        finally:
+            self.hypernetwork.train()
+
+    def result(self, run, step: int) -> HypernetworkTrainResult:
+        self.hypernetwork.eval()
+        path = Path(self.config.output_dir) / f"{self.config.output_name}.pt"
+        return HypernetworkTrainResult(path, step, run.recorder.losses, run.recorder.lrs, self.hypernetwork,
+                                       run.pipeline, run.saved, run.main)
+
+
+class StepOnSync:
+    """A1111 steps its schedules once per optimizer step, in every process: a schedule the loop may
+    call after every micro-batch, stepping only when the gradients were applied."""
+
+    def __init__(self, scheduler, accelerator) -> None:
+        self.scheduler, self.accelerator = scheduler, accelerator
+
+    def step(self) -> None:
+        if self.accelerator.sync_gradients:
+            self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scheduler.load_state_dict(state)
+
+    def get_last_lr(self) -> list[float]:
+        return self.scheduler.get_last_lr()
+
+
 def train_hypernetwork(
     config: HypernetworkTrainConfig,
     datasets: list[DatasetSpec],
@@ -71,168 +219,7 @@ def train_hypernetwork(
 ) -> HypernetworkTrainResult:
     """Train (or continue) an A1111 hypernetwork. ``pipeline`` and its ``model_info`` (both from
     ``load_pipeline``) may be given to reuse a loaded base model; the hypernetwork stays applied."""
-    from accelerate.utils import set_seed
-
-    # ---- setup: devices and precision. The base may be fp16; the hypernetwork stays fp32.
-    check_hypernetwork_config(config)
-    run = start_run(config, hooks, device)
-    accelerator, device, main, hooks, recorder = run.accelerator, run.device, run.main, run.hooks, run.recorder
-    weight_dtype = run.weight_dtype
-    out_dir = Path(config.output_dir)
-
-    # ---- model: the base is frozen; the hypernetwork is created (or loaded) and applied
-    pipeline, info = load_base(config, pipeline, model_info, weight_dtype, device)
-    unet, text_encoder, vae, tokenizer = pipeline.unet, pipeline.text_encoder, pipeline.vae, pipeline.tokenizer
-    _freeze(config, unet, text_encoder, vae, device, weight_dtype)
-    hypernetwork, resumed_optimizer = _start_hypernetwork(config, unet)
-    hypernetwork.to(device).train()
-    apply_hypernetwork(unet, hypernetwork, 1.0)  # the strength is 1 while training anyway (A1111)
-    params = list(hypernetwork.parameters())
-    start_step = hypernetwork.step
-
-    # ---- data: kohya buckets and latents (A1111's sampling method), prompts from the template
-    items, validation = collect_items(datasets, config.seed)
-    fill_filename_captions(items + validation)
-    latents = cache_hypernetwork_latents(config, items + validation, vae, device)
-    world = accelerator.num_processes
-    steps_in_epoch = steps_per_epoch(items, None, config.gradient_accumulation_steps, world)
-    total_steps = config.max_train_epochs * steps_in_epoch if config.max_train_epochs else config.max_train_steps
-    if start_step >= total_steps:
-        raise ConfigError(f"{hypernetwork.filename}: already trained for {start_step} steps, max_train_steps is "
-                          f"{total_steps}: raise max_train_steps to continue it")
-    rng = random.Random(config.seed + start_step)  # a resumed run does not replay the first batches
-    set_seed(config.seed + start_step)  # ... nor the first noise
-    captions, encoder = _prompts(config, items, bool(validation), tokenizer, text_encoder, info.v2, device, rng)
-    caption_state = CaptionState(step=start_step, epoch=1, max_train_steps=total_steps)
-
-    # ---- optimizer and schedules (lr and clip value: a number or an A1111 string)
-    optimizer, lr_scheduler, clip_schedule = _optimizer_and_schedules(config, params, start_step, total_steps,
-                                                                      resumed_optimizer)
-    optimizer = accelerator.prepare(optimizer)  # schedules are stepped here, once per optimizer step
-    noise_scheduler = prepare_noise_scheduler("v_prediction" if info.v_parameterization else "epsilon",
-                                              config.zero_terminal_snr)
-    prompts = load_sample_prompts(config.sample_prompts) if config.sample_prompts else []
-    checkpoint = _checkpoint_identity(config.pretrained_model_name_or_path)
-
-    def save(name: str, step: int) -> None:
-        if main:
-            hypernetwork.step, hypernetwork.name = step, config.output_name
-            hypernetwork.sd_checkpoint, hypernetwork.sd_checkpoint_name = checkpoint
-            path = hypernetwork.save(out_dir / f"{name}.pt")
-            if config.save_optimizer_state:
-                save_optimizer_sidecar(path, config.optimizer_type, optimizer.state_dict())
-            saved.append(path)
-            hooks.on_save(path, step)
-        accelerator.wait_for_everyone()
-
-    def sample(step: int, epoch: int | None) -> None:
-        if prompts and main:
-            hypernetwork.eval()  # dropout off, the strength is used: what A1111 shows
-            try:
-                preview_for_run(pipeline, prompts, config, step=step, epoch=epoch, device=device,
-                                weight_dtype=weight_dtype, default_size=datasets[0].resolution, hooks=hooks)
-            finally:
-                hypernetwork.train()
-        accelerator.wait_for_everyone()
-
-    hooks.on_train_start(total_steps - start_step, {"images": len(items), "steps_per_epoch": steps_in_epoch,
-                                                    "start_step": start_step})
-    if config.sample_at_first and start_step == 0:
-        sample(0, None)
-    unet.train()
-    step, saved, epoch, micro_loss = start_step, [], 0, 0.0
-    stop = schedule_finished(lr_scheduler)
-    while step < total_steps and not stop:
-        epoch += 1
-        caption_state.epoch = epoch
-        for batch in shard(epoch_batches(items, rng), accelerator.process_index, world):
-            with accelerator.accumulate():
-                # Forward: the template prompt, latents by A1111's method, noise, predict.
-                caption_state.step = step
-                if clip_schedule is not None:
-                    clip_schedule.step(step)  # A1111 advances the clip limit before every micro-batch
-                cond = encoder(captions.batch(batch, rng, caption_state), device)
-                x0, mask = latents.batch(batch, rng)
-                weights = [config.prior_loss_weight if items[i].subset.is_reg else 1.0 for i, _ in batch]
-                with accelerator.autocast():
-                    loss = diffusion_loss(unet, noise_scheduler, x0.to(device), cond, weight_dtype, config,
-                                          info.v_parameterization, weights, mask)
-                if not torch.isfinite(loss):
-                    raise TrainingError(_nan_message(step, saved, config))
-                # Backward (accelerate divides by gradient_accumulation_steps, as A1111 does), clip, step.
-                accelerator.backward(loss)
-                micro_loss += loss.item() / config.gradient_accumulation_steps
-                if accelerator.sync_gradients:
-                    _sync_and_clip(accelerator, config, params, clip_schedule)
-                lr = optimizer.param_groups[0]["lr"]  # the lr this step uses (logged below)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            hypernetwork.step = step
-            lr_scheduler.step()  # A1111: the lr for the next step, by step number
-            hooks.on_step(step, micro_loss, lr)
-            if config.log_with:
-                accelerator.log({"loss": micro_loss, "lr": lr}, step=step)
-            micro_loss = 0.0
-            stop = hooks.should_stop() or schedule_finished(lr_scheduler)  # an A1111 string can end the run
-            if should_sample(step, None, sample_every_n_steps=config.sample_every_n_steps,
-                             sample_every_n_epochs=config.sample_every_n_epochs):
-                sample(step, None)
-            if step >= total_steps or stop:
-                break
-            if config.save_every_n_steps and step % config.save_every_n_steps == 0:
-                save(f"{config.output_name}-{step}", step)  # A1111's name: <name>-<step>.pt
-        else:  # the epoch ran to its end
-            if validation:
-                hypernetwork.eval()
-                hooks.on_validation(step, validation_loss(unet, text_encoder, tokenizer, noise_scheduler,
-                                                          latents.for_validation(), len(items), validation, config, weight_dtype, device,
-                                                          info.v_parameterization, info.v2))
-                hypernetwork.train()
-            hooks.on_epoch_end(epoch, step)
-            if should_sample(step, epoch, sample_every_n_epochs=config.sample_every_n_epochs, is_epoch_end=True):
-                sample(step, epoch)
-
-    # ---- save the final file (a stop request saves too, so training can continue from it)
-    save(config.output_name, step)
-    hooks.on_train_end(step)
-    if config.log_with:
-        accelerator.end_training()
-    hypernetwork.eval()
-    return HypernetworkTrainResult(out_dir / f"{config.output_name}.pt", step, recorder.losses, recorder.lrs,
-                                   hypernetwork, pipeline, saved, main)
-
-
-def _prompts(config, items, keep_text_encoder: bool, tokenizer, text_encoder, v2: bool, device, rng):
-    """Template prompts per item and their text conditioning. When every prompt is fixed, all are
-    encoded now and the text encoder leaves the GPU until previews (A1111's "unload" option)."""
-    captions = TemplateCaptions(items, load_template(config.template_file), config.output_name,
-                                config.shuffle_tags, config.tag_drop_out, rng)
-    encoder = CaptionEncoder(lambda texts: encode_captions(tokenizer, text_encoder, texts, config, v2, device),
-                             captions)
-    if captions.fixed is not None and not keep_text_encoder:
-        text_encoder.to("cpu")
-    return captions, encoder
-
-
-def _nan_message(step: int, saved: list[Path], config: HypernetworkTrainConfig) -> str:
-    last = f"the last good save is {saved[-1]}" if saved else "nothing was saved yet"
-    return (f"the loss became NaN/inf at step {step + 1}: lower learning_rate (now {config.learning_rate}), "
-            f"set clip_grad_mode, or check the dataset; {last}")
-
-
-def _freeze(config, unet, text_encoder, vae, device, weight_dtype) -> None:
-    """The whole base is frozen; the VAE encodes in fp32 (fp16 SD VAEs overflow to NaN)."""
-    for model, dtype in ((vae, torch.float32), (unet, weight_dtype), (text_encoder, weight_dtype)):
-        model.requires_grad_(False)
-        if model.dtype == dtype:
-            model.to(device)
-        else:
-            model.to(device, dtype=dtype)
-    if config.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()  # non-reentrant: the hypernetwork still gets its gradients
+    return train(HypernetworkMethod(config), datasets, hooks, pipeline, model_info, device)
 
 
 def model_sizes(unet) -> list[int]:

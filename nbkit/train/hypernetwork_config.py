@@ -13,9 +13,6 @@ LATENT_SAMPLING_METHODS = ("once", "deterministic", "random")
 CLIP_GRAD_MODES = ("value", "norm")
 # TrainConfig options the hypernetwork trainer does not implement, and what to use instead.
 _UNSUPPORTED = {
-    "save_state": "hypernetworks resume from the .pt and its .optim sidecar: set save_state = false and keep "
-                  "save_optimizer_state = true",
-    "save_state_every_n_steps": "use save_every_n_steps (every .pt can be resumed with its .optim sidecar)",
     "save_every_n_epochs": "hypernetworks are saved by steps, as in A1111: use save_every_n_steps",
     "save_last_n_epochs": "hypernetworks are saved by steps, as in A1111: use save_every_n_steps",
     "xformers": "hypernetworks use their own attention processor (SDPA, as fast on a T4): set xformers = false",
@@ -37,11 +34,16 @@ class HypernetworkTrainConfig(TrainConfig, HypernetworkStructure):
     max_grad_norm: float = field(
         default=0.0, metadata=help_("kohya-style constant gradient-norm clipping (0 = off); see clip_grad_mode.", "advanced")
     )
-    save_state: bool = field(default=False, metadata=help_("Not used by hypernetworks (see save_optimizer_state).", "advanced"))
+    save_state: bool = field(
+        default=False,
+        metadata=help_("Also write <output_name>-stepNNNNNNNN-state folders at each save: resume = latest then continues "
+                       "exactly (data order, RNGs, optimizer), which a .pt with its .optim does not.", "advanced"),
+    )
     resume: str | None = field(
         default=None,
         metadata=help_("Continue training a hypernetwork .pt (its step count, lr schedule and, from <file>.optim, "
-                       "its optimizer), or 'latest' for the newest <output_name>*.pt in output_dir."),
+                       "its optimizer), a -state folder (exact resume), or 'latest': the newest state folder of this "
+                       "run if save_state wrote one, else the newest <output_name>*.pt in output_dir."),
     )
     train_data_dir: str | None = field(
         default=None,

@@ -184,6 +184,22 @@ def config_error(where: Where, name: str, value, fix: str) -> ConfigError:
     return ConfigError(f"{_place(where, name)}: {name} = {value!r}: {fix}")
 
 
+def same_option(owner: type, name: str, note: str | None = None, group: str | None = None):
+    """A field declared as ``owner``'s option ``name`` (default and help, plus ``note``), for a config
+    that offers the same option: one declaration, however many methods offer it."""
+    from dataclasses import MISSING
+
+    source = owner.__dataclass_fields__[name]
+    metadata = dict(source.metadata)
+    if note:
+        metadata["help"] = f"{metadata['help'].rstrip('.')} ({note})."
+    if group:
+        metadata["group"] = group
+    if source.default_factory is not MISSING:
+        return field(default_factory=source.default_factory, metadata=metadata)
+    return field(default=source.default, metadata=metadata)
+
+
 def check_at_least(config, where: Where, name: str, minimum: float, fix: str) -> None:
     value = getattr(config, name)
     if value is not None and value < minimum:

@@ -14,11 +14,20 @@ from pathlib import Path
 from typing import Any
 
 from nbkit.config import ConfigError, help_
-from nbkit.train.config import SAVE_PRECISIONS, TrainConfig, Where, check_at_least, check_positive_rate, config_error
+from nbkit.train.config import (
+    NETWORK_MODULES,
+    SAVE_PRECISIONS,
+    LoRATrainConfig,
+    TrainConfig,
+    Where,
+    check_at_least,
+    check_positive_rate,
+    config_error,
+    same_option,
+)
 
 SAVE_MODEL_AS = ("safetensors", "ckpt", "diffusers", "diffusers_safetensors")
 SAVE_EMA = ("ema", "both", "prune")
-NETWORK_MODULES = ("networks.lora",)
 
 
 @dataclass
@@ -101,8 +110,8 @@ class DreamBoothTrainConfig(TrainConfig):
         default=None, metadata=help_("'networks.lora' trains a LoRA on this DreamBooth data instead of all weights.",
                                      "basic", NETWORK_MODULES),
     )
-    network_dim: int = field(default=16, metadata=help_("LoRA rank (with network_module).", "advanced"))
-    network_alpha: float = field(default=8.0, metadata=help_("LoRA alpha (with network_module).", "advanced"))
+    network_dim: int = same_option(LoRATrainConfig, "network_dim", "with network_module", "advanced")
+    network_alpha: float = same_option(LoRATrainConfig, "network_alpha", "with network_module", "advanced")
 
     @property
     def unet_lr(self) -> float:
@@ -168,11 +177,9 @@ def lora_config(config: DreamBoothTrainConfig):
     """The LoRATrainConfig for "LoRA via DreamBooth": shared options copied, learning rates mapped."""
     from dataclasses import fields
 
-    from nbkit.train.config import LoRATrainConfig
-
-    shared = {f.name: getattr(config, f.name) for f in fields(TrainConfig)}
-    return LoRATrainConfig(**shared, network_dim=config.network_dim, network_alpha=config.network_alpha,
-                           unet_lr=config.learning_rate, text_encoder_lr=config.learning_rate_te,
+    lora_options = {f.name for f in fields(LoRATrainConfig)}
+    shared = {f.name: getattr(config, f.name) for f in fields(config) if f.name in lora_options}
+    return LoRATrainConfig(**shared, unet_lr=config.learning_rate, text_encoder_lr=config.learning_rate_te,
                            network_train_unet_only=not config.trains_text_encoder)
 
 

@@ -18,7 +18,10 @@ COMMAND_MODULES = ("nbkit.data.cli", "nbkit.tag.cli", "nbkit.merge.cli",
 def _cmd_make_tiny_model(args) -> int:
     from nbkit.models.tiny import make_tiny_model
 
-    paths = make_tiny_model(args.out, arch=args.arch, seed=args.seed, single_file=args.single_file)
+    if args.v_pred and args.arch != "sdxl":
+        print("nbkit: error: --v_pred is for --arch sdxl; a v-prediction SD2 model is --arch sd21-v", file=sys.stderr)
+        return 2
+    paths = make_tiny_model(args.out, arch=args.arch, seed=args.seed, single_file=args.single_file, v_pred=args.v_pred)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
@@ -84,9 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("make-tiny-model", help="write a tiny seeded SD model (diffusers folder, optional single file)")
     tiny.add_argument("out", help="output folder")
-    tiny.add_argument("--arch", default="sd15", choices=("sd15", "sd21", "sd21-v"))
+    tiny.add_argument("--arch", default="sd15", choices=("sd15", "sd21", "sd21-v", "sdxl"))
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--single_file", action="store_true", help="also write OUT.safetensors in the original layout")
+    tiny.add_argument("--single_file", action="store_true",
+                      help="also write OUT.safetensors in the original layout (SGM layout for sdxl)")
+    tiny.add_argument("--v_pred", action="store_true",
+                      help="sdxl: a v-prediction model (the single file gets ComfyUI's v_pred key); for SD2 use --arch sd21-v")
     tiny.set_defaults(func=_cmd_make_tiny_model)
 
     train = sub.add_parser("train", help="train a network")

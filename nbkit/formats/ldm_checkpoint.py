@@ -136,6 +136,10 @@ def unet_prefix_map(config: Mapping[str, Any]) -> PrefixMap:
     out["mid_block.attentions.0."] = ("middle_block.1.", None)
     for j in range(2):
         out[f"mid_block.resnets.{j}."] = (f"middle_block.{2 * j}.", _UNET_RESNET)
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL's size/crop + pooled-text embedding (kohya sdxl_model_util.py::make_unet_conversion_map)
+        out["add_embedding.linear_1."] = ("label_emb.0.0.", None)
+        out["add_embedding.linear_2."] = ("label_emb.0.2.", None)
     return out
 
 

@@ -4,9 +4,9 @@
 holding ``model_index.json``, the component ``config.json`` files and a tokenizer. nbkit gets
 one from three places:
 
-- the real SD1.5 / SD2.1-base / SD2.1-v configs shipped in ``nbkit/models/configs``; their
+- the real SD1.5 / SD2.1-base / SD2.1-v / SDXL-base configs shipped in ``nbkit/models/configs``; their
   tokenizer vocabulary (``vocab.json``/``merges.txt``, 2 MB) is not shipped but rebuilt from
-  OpenAI's bundled BPE merge list into a cache folder;
+  OpenAI's bundled BPE merge list into a cache folder (both tokenizers of SDXL use it);
 - the ``nbkit.diffusers_config`` metadata nbkit writes into its own single files (see
   ``diffusers_config_payload``), which makes tiny and non-standard models self-describing;
 - a folder the user passes.
@@ -32,6 +32,7 @@ SHIPPED_CONFIGS = {
     "sd15": "sd15",  # runwayml/stable-diffusion-v1-5
     "sd21": "sd21-base",  # stabilityai/stable-diffusion-2-1-base
     "sd21-v": "sd21-v",  # stabilityai/stable-diffusion-2-1
+    "sdxl": "sdxl",  # stabilityai/stable-diffusion-xl-base-1.0
 }
 PAYLOAD_FORMAT = 1
 CLIP_VOCAB_SIZE = 49408
@@ -100,7 +101,7 @@ def _cached_folder(name: str, digest: str, cache_dir: str | os.PathLike | None, 
 
 
 def shipped_config_dir(arch: str, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A complete diffusers config folder for ``arch`` (sd15|sd21|sd21-v), tokenizer included."""
+    """A complete diffusers config folder for ``arch`` (sd15|sd21|sd21-v|sdxl), tokenizer(s) included."""
     if arch not in SHIPPED_CONFIGS:
         raise ValueError(f"no shipped config for arch {arch!r}: choose one of {', '.join(SHIPPED_CONFIGS)}")
     src = CONFIGS_ROOT / SHIPPED_CONFIGS[arch]
@@ -108,7 +109,9 @@ def shipped_config_dir(arch: str, cache_dir: str | os.PathLike | None = None) ->
 
     def fill(tmp: Path) -> None:
         shutil.copytree(src, tmp, dirs_exist_ok=True)
-        write_clip_vocab_files(tmp / "tokenizer")
+        for name in ("tokenizer", "tokenizer_2"):
+            if (src / name).is_dir():
+                write_clip_vocab_files(tmp / name)
 
     return _cached_folder(src.name, _digest(files), cache_dir, fill)
 
@@ -130,8 +133,9 @@ def _config(json_text: str) -> dict:
 
 
 def diffusers_config_payload(pipe: Any) -> dict:
-    """Everything needed to rebuild ``pipe``'s diffusers config folder (no weights)."""
-    return {
+    """Everything needed to rebuild ``pipe``'s diffusers config folder (no weights); an SDXL pipeline
+    adds ``text_encoder_2`` and ``tokenizer_2``."""
+    payload = {
         "format": PAYLOAD_FORMAT,
         "model_index": _config(pipe.to_json_string()),
         "unet": _config(pipe.unet.to_json_string()),
@@ -140,6 +144,10 @@ def diffusers_config_payload(pipe: Any) -> dict:
         "scheduler": _config(pipe.scheduler.to_json_string()),
         "tokenizer": tokenizer_payload(pipe.tokenizer),
     }
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        payload["text_encoder_2"] = _config(pipe.text_encoder_2.config.to_json_string())
+        payload["tokenizer_2"] = tokenizer_payload(pipe.tokenizer_2)
+    return payload
 
 
 def _write_payload(payload: dict, folder: Path) -> None:
@@ -151,16 +159,23 @@ def _write_payload(payload: dict, folder: Path) -> None:
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     configs = {"unet": "config.json", "vae": "config.json", "text_encoder": "config.json"}
     configs["scheduler"] = "scheduler_config.json"
+    if "text_encoder_2" in payload:
+        configs["text_encoder_2"] = "config.json"
     for sub, name in configs.items():
         (folder / sub).mkdir()
         (folder / sub / name).write_text(json.dumps(payload[sub], indent=2))
-    tok = folder / "tokenizer"
+    for sub in ("tokenizer", "tokenizer_2"):
+        if sub in payload:
+            _write_tokenizer(payload[sub], folder / sub)
+
+
+def _write_tokenizer(tokenizer: dict, tok: Path) -> None:
     tok.mkdir()
-    for name, text in payload["tokenizer"]["files"].items():
+    for name, text in tokenizer["files"].items():
         if "/" in name or "\\" in name or name.startswith("."):
             raise ValueError(f"refusing tokenizer file name {name!r} in embedded config")
         (tok / name).write_text(text, encoding="utf-8")
-    if payload["tokenizer"].get("clip_bpe"):
+    if tokenizer.get("clip_bpe"):
         write_clip_vocab_files(tok)
 
 

@@ -425,7 +425,7 @@ if dreambooth:
 The same prompts and seeds with each model, one row per model. What to look for: the subject appears with
 the LoRA or DreamBooth models and not with the base; the resized and full LoRA look alike (if not, resize to a
 higher rank); the merged model keeps the subject while following the prompt better.""",
-     """from nbkit.notebook import compare_models
+     """from nbkit.compare import compare_models
 
 models = {"base": base, "LoRA baked": baked, "DreamBooth merged": merged}
 compare_models(models, session.sample_prompts, resolution=session.config("lora").resolution)"""),

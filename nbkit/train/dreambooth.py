@@ -67,9 +67,9 @@ class DreamBoothMethod(Method):
     def load(self, run, pipeline, model_info) -> None:
         config = self.config
         run.pipeline, run.info = load_with_vae(config, pipeline, model_info, run.weight_dtype, run.device)
+        run.arch = conditioning_for(run.pipeline, run.info, config, run.device)  # before class images are drawn
         run.datasets = prepare_class_images(config, run.datasets, run.pipeline, run.device, run.main,
                                             run.accelerator.wait_for_everyone)
-        run.arch = conditioning_for(run.pipeline, run.info, config, run.device)
         self.unet, self.text_encoder, vae = run.pipeline.unet, run.pipeline.text_encoder, run.pipeline.vae
         te_trains = config.trains_text_encoder
         place(((vae, torch.float32), (self.unet, torch.float32),

@@ -44,7 +44,7 @@ def vram_section(vram: dict) -> list[str]:
              "`python bench/vram.py --calibrate`. Published: ShivamShrirao/diffusers DreamBooth README, \"Tested on "
              "Tesla T4\" (SD1.x 512 px, fp16 autocast, 8-bit Adam unless noted, prior preservation, torch 1.12). "
              "GB = 10^9 bytes. *fit* rows set the one constant (CUDA context + workspaces); *check* rows were not "
-             "used for fitting (recalled from the same table; verify against the README).", ""]
+             "used for fitting. Fit, held-out errors and speed: [estimator.md](estimator.md).", ""]
     lines += _table(["row", "kind", "predicted GB", "published GB", "error"],
                     [[r["row"], r["kind"], f"{r['predicted_gb']:.2f}", f"{r['published_gb']:.2f}",
                       f"{r['error_pct']:+.1f}%"] for r in calib])
@@ -93,7 +93,7 @@ def ram_section(ram: dict) -> list[str]:
 
 
 def notes() -> list[str]:
-    from nbkit.estimate.calibration import CONTEXT_BYTES, MICRO_BATCH_SECONDS, UTILISATION_FP16
+    from nbkit.estimate.constants import CONTEXT_BYTES, MICRO_BATCH_SECONDS, UTILISATION_FP16
 
     return ["", "## Notes", "",
             "- **Units.** The published table's \"GB\" are 10^9 bytes: its fp32-AdamW row ran on a T4, whose memory "
@@ -107,17 +107,19 @@ def notes() -> list[str]:
             "adds 4 bytes per trainable weight during the step, which the estimator counts for current runs. (3) "
             "Gradient accumulation keeps the gradients alive through the next forward. (4) The caching allocator keeps "
             "freed blocks: reserved memory, not live tensors, is what runs out.",
-            f"- **One fitted constant**: {CONTEXT_BYTES / 1e9:.2f} GB for the CUDA context and cuBLAS/cuDNN workspaces, "
-            "fitted on the three *fit* rows only. torch 1.12 loaded every CUDA kernel at start; current torch loads "
-            "them lazily, so the constant is on the safe side for today's Colab.",
+            f"- **One fitted memory constant**: {CONTEXT_BYTES / 1e9:.2f} GB for the CUDA context and cuBLAS/cuDNN "
+            "workspaces, fitted on the three *fit* rows only. torch 1.12 loaded every CUDA kernel at start; current "
+            "torch loads them lazily, so the constant is on the safe side for today's Colab. Which rows were fitted, "
+            "which modelling choices rest on which rows, and the error on the held-out rows: "
+            "[estimator.md](estimator.md) (`python bench/fit_estimator.py`).",
             "- **Not modelled**: cuDNN picking algorithms by free memory; the allocator freeing its cache and retrying "
             "before an out-of-memory error (so estimates near the limit are upper bounds); the load phase of models "
             "that leave the GPU (VAE after latent caching, a cached text encoder); paged optimizers paging out; "
             "several GPUs.",
             f"- **T4 step time** = FLOPs / ({UTILISATION_FP16:.0%} of 65 TFLOPS) + {MICRO_BATCH_SECONDS:.2f} s per "
-            "micro-batch + weight-sized traffic / 320 GB/s, fitted on the published T4 step times of the same "
-            "table (training-reference.md §3 puts inference at 16% of the peak). The accumulation rows' it/s are "
-            "inconsistent (two micro-batches faster than one) and were left out of the fit.",
+            "micro-batch + weight-sized traffic / 320 GB/s, fitted on the published T4 step times of the six rows "
+            "without accumulation (training-reference.md §3 puts inference at 16% of the peak); held-out rows and "
+            "their errors in [estimator.md](estimator.md).",
             "- **Loop overhead.** nbkit's loops do more per step than the reference loop: kohya's noise and loss "
             "pipeline (per-sample loss and weights, timestep range, noise options), caption processing and kohya's "
             "75-token chunked encoding, latent-cache batching, accelerate's wrappers (accumulate context, backward "
@@ -126,7 +128,7 @@ def notes() -> list[str]:
             "a ratio a little above 1 with a tight interquartile range. On the mid-size model the per-step ratios "
             "scatter on both sides of 1 (see the IQR column): single steps of the same loop vary by more than the "
             "overhead on this shared VM, so a mid-size ratio a few percent away from 1 in either direction is "
-            "noise, not work. Against a T4 step of about 0.65 s (LoRA, SD1.5, 512 px) a few milliseconds are "
+            "noise, not work. Against a T4 step of about 0.6 s (LoRA, SD1.5, 512 px) a few milliseconds are "
             "about 1%.",
             ]
 

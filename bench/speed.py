@@ -18,7 +18,8 @@ nbkit step (separate models, same thread), ``--rounds`` runs per method in a fre
 first quarter of each run dropped. Printed: the medians, their ratio, and the interquartile range of
 the step-by-step ratios. FLOPs per step come
 from ``torch.utils.flop_counter`` on one reference step; the implied T4 figure for SD1.5 at 512 px
-uses ``nbkit.estimate.estimate_step_seconds`` (utilisation fitted on published T4 step times).
+uses ``nbkit.estimate.estimate_step_seconds`` (constants fitted on published T4 step times by
+``bench/fit_estimator.py``).
 """
 
 from __future__ import annotations
@@ -280,7 +281,7 @@ def bench(models: list[str], steps: int, rounds: int, threads: int) -> list[dict
 def t4_rows() -> list[dict]:
     """SD1.5 at 512 px on a T4 (the estimator's FLOP count and step-time model)."""
     from nbkit.estimate import Setting, count_flops, estimate_step_seconds
-    from nbkit.estimate.calibration import UTILISATION_FP16
+    from nbkit.estimate.constants import UTILISATION_FP16
 
     settings = {"lora": Setting("lora", network_dim=32, train_text_encoder=True),
                 "dreambooth": Setting("dreambooth", cache_text_encoder_outputs=True),

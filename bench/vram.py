@@ -6,7 +6,7 @@
 ``--calibrate`` prints one line per published row, ``<row> predicted=<GB> published=<GB>
 error=<signed pct>%`` (GB = 10**9 bytes, the table's unit), first the three rows the constant is
 fitted on, then the other rows of the same table (``check`` rows: not used for fitting), then the
-refitted constant. The default run finds, for SD1.5 at 512 and 768 px on the chosen GPU with 1 GiB
+refitted constant (``python bench/fit_estimator.py`` has the whole fit, speed included). The default run finds, for SD1.5 at 512 and 768 px on the chosen GPU with 1 GiB
 headroom, the largest batch of LoRA (dim 32; text encoder trained / frozen), DreamBooth (gradient
 checkpointing on / off) and hypernetwork, and SDXL LoRA at 1024 px with batch 1. A simulation of
 SD1.5 takes a few seconds, SDXL about half a minute.
@@ -21,24 +21,25 @@ import time
 from pathlib import Path
 
 from nbkit.estimate import Setting, estimate, largest_batch
-from nbkit.estimate.calibration import CONTEXT_BYTES, ROWS
-from nbkit.estimate.estimator import fit_context
+from nbkit.estimate.constants import CONTEXT_BYTES
 from nbkit.estimate.fit import gpu_memory
+from nbkit.estimate.fit_constants import fit_context, published_rows
 
 GIB = 2**30
 
 
 def calibrate() -> list[dict]:
     rows = []
-    for row in ROWS:
+    table = published_rows()
+    for row in sorted(table, key=lambda r: not r.memory_fit):  # the fitted rows first
         predicted = estimate(row.setting).peak_gb
-        error = (predicted / row.gb - 1) * 100
-        kind = "fit" if row.fit else "check"
-        rows.append({"row": row.name, "predicted_gb": predicted, "published_gb": row.gb, "error_pct": error,
+        error = (predicted / row.published.gb - 1) * 100
+        kind = "fit" if row.memory_fit else "check"
+        rows.append({"row": row.name, "predicted_gb": predicted, "published_gb": row.published.gb, "error_pct": error,
                      "kind": kind})
-        print(f"{row.name} predicted={predicted:.2f} published={row.gb:.2f} error={error:+.1f}%"
-              + ("" if row.fit else "  (check row, not fitted)"), flush=True)
-    refit = fit_context()
+        print(f"{row.name} predicted={predicted:.2f} published={row.published.gb:.2f} error={error:+.1f}%"
+              + ("" if row.memory_fit else "  (check row, not fitted)"), flush=True)
+    refit = fit_context(table)
     print(f"# constant (CUDA context + workspaces): shipped {CONTEXT_BYTES / 1e9:.3f} GB, refitted {refit / 1e9:.3f} GB; "
           "GB = 10**9 bytes", flush=True)
     return rows

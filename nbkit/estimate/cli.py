@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
-from nbkit.estimate.setting import ARCHS, GPU_MEMORY_GIB, METHODS
+from nbkit.estimate.setting import ARCHS, GPU_MEMORY_GIB, METHODS, Setting
+
+#: the training options' defaults, as the estimator takes them from the config dataclasses
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(Setting)}
 
 
 def _flag(parser, name: str, **kwargs) -> None:
@@ -18,20 +22,20 @@ def add_estimate_parser(sub) -> argparse.ArgumentParser:
                        description="Runs one training step of the real model on PyTorch's meta device and prints "
                                    "the simulated peak GPU memory (GiB) with its parts; the last line is peak=<GB> (10^9 bytes).")
     p.add_argument("--method", choices=METHODS, default="lora")
-    p.add_argument("--arch", choices=ARCHS, default="sd15")
-    _flag(p, "resolution", type=int, default=512)
-    _flag(p, "train_batch_size", type=int, default=1)
-    _flag(p, "gradient_accumulation_steps", type=int, default=1)
+    p.add_argument("--arch", choices=ARCHS, default=DEFAULTS["arch"])
+    _flag(p, "resolution", type=int, default=DEFAULTS["resolution"])
+    _flag(p, "train_batch_size", type=int, default=DEFAULTS["train_batch_size"])
+    _flag(p, "gradient_accumulation_steps", type=int, default=DEFAULTS["gradient_accumulation_steps"])
     _flag(p, "gradient_checkpointing", action="store_true", help="recompute activations in the backward")
-    _flag(p, "optimizer_type", default="AdamW8bit", help="AdamW8bit, AdamW, Adafactor, Lion, Lion8bit, Prodigy, ...")
-    _flag(p, "mixed_precision", choices=("fp16", "bf16", "no"), default="fp16")
+    _flag(p, "optimizer_type", default=DEFAULTS["optimizer_type"], help="AdamW8bit, AdamW, Adafactor, Lion, Lion8bit, Prodigy, ...")
+    _flag(p, "mixed_precision", choices=("fp16", "bf16", "no"), default=DEFAULTS["mixed_precision"])
     _flag(p, "train_text_encoder", action="store_true", help="train the text encoder (LoRA or full)")
     _flag(p, "cache_text_encoder_outputs", action="store_true", help="frozen text encoder off the GPU")
     _flag(p, "no_cache_latents", action="store_true", help="encode images with the VAE every step")
-    _flag(p, "network_dim", type=int, default=16)
-    _flag(p, "conv_dim", type=int, default=None)
+    _flag(p, "network_dim", type=int, default=DEFAULTS["network_dim"])
+    _flag(p, "conv_dim", type=int, default=DEFAULTS["conv_dim"])
     _flag(p, "use_ema", action="store_true", help="DreamBooth EMA copy in VRAM")
-    _flag(p, "max_token_length", type=int, choices=(75, 150, 225), default=None)
+    _flag(p, "max_token_length", type=int, choices=(75, 150, 225), default=DEFAULTS["max_token_length"])
     p.add_argument("--gpu", default="T4", help=f"GPU to compare with: {', '.join(GPU_MEMORY_GIB)} or GiB (default T4)")
     p.add_argument("--headroom", type=float, default=1.0, help="GiB to keep free (default 1)")
     p.add_argument("--time", action="store_true", help="also estimate seconds per step from FLOPs (slower)")
@@ -39,9 +43,7 @@ def add_estimate_parser(sub) -> argparse.ArgumentParser:
     return p
 
 
-def setting_from_args(args):
-    from nbkit.estimate.setting import Setting
-
+def setting_from_args(args) -> Setting:
     return Setting(method=args.method, arch=args.arch, resolution=args.resolution, train_batch_size=args.train_batch_size,
                    gradient_accumulation_steps=args.gradient_accumulation_steps,
                    gradient_checkpointing=args.gradient_checkpointing, optimizer_type=args.optimizer_type,

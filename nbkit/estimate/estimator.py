@@ -2,18 +2,19 @@
 
 peak = what the caching allocator reserves over two steady-state optimizer steps (simulated
 tensors replayed through the allocator model) + a calibrated constant for the CUDA context and the
-library workspaces. The parts are the live tensors at the moment of the most allocated bytes, the
-allocator's cache on top of them, and that constant.
+library workspaces (:mod:`nbkit.estimate.constants`, fitted by :mod:`nbkit.estimate.fit_constants`).
+The parts are the live tensors at the moment of the most allocated bytes, the allocator's cache on
+top of them, and that constant.
 """
 
 from __future__ import annotations
 
 from functools import lru_cache
 
-from nbkit.estimate.calibration import FIT_ROWS
+from nbkit.estimate.constants import CONTEXT_BYTES
 from nbkit.estimate.optimizer_memory import describe as describe_optimizer
 from nbkit.estimate.optimizer_memory import known as known_optimizer
-from nbkit.estimate.setting import GB, GIB, Estimate, Setting
+from nbkit.estimate.setting import GIB, Estimate, Setting
 from nbkit.estimate.simulate import (
     ACTIVATIONS,
     CASTS,
@@ -32,24 +33,9 @@ CACHE = "allocator cache (freed blocks kept)"
 CONTEXT = "CUDA context + workspaces (calibrated)"
 
 
-def simulated_bytes(setting: Setting) -> int:
-    """Bytes the caching allocator reserves at the peak (no CUDA context)."""
-    return replay(record_step(setting), setting).peak_reserved
-
-
-def fit_context(rows=FIT_ROWS) -> float:
-    """The constant c (bytes) minimising sum(((simulated + c) / published - 1)**2) over ``rows``
-    (published rows of :mod:`nbkit.estimate.calibration`; the shipped ``CONTEXT_BYTES`` is its value, rounded)."""
-    weights = [1 / (r.gb * GB) ** 2 for r in rows]
-    gaps = [r.gb * GB - simulated_bytes(r.setting) for r in rows]
-    return sum(w * g for w, g in zip(weights, gaps)) / sum(weights)
-
-
 @lru_cache(maxsize=256)
 def estimate(setting: Setting) -> Estimate:
     """Simulated peak GPU memory of one training step of ``setting`` (cached)."""
-    from nbkit.estimate.calibration import CONTEXT_BYTES
-
     record = record_step(setting)
     alloc = replay(record, setting)
     breakdown = {name: alloc.at_peak.get(name, 0) / GIB for name in ORDER if alloc.at_peak.get(name, 0)}

@@ -7,15 +7,17 @@ One optimizer step on a GPU is modelled as
         + weight-sized traffic / memory bandwidth
 
 - *utilisation*: the share of the tensor-core peak (T4: 65 TFLOPS fp16, 8.1 fp32) that training
-  reaches. training-reference.md §3 has inference at about 16% of the fp16 peak (10.4 TFLOPS). Fitted
-  on the published T4 DreamBooth step times (``calibration.ROWS``) the marginal rate is 22%
-  (14 TFLOPS): larger batches than inference's 2, same kernels. It is applied to other GPUs as the
-  same share of their peak, which is optimistic for the faster ones.
+  reaches, fitted on the published T4 DreamBooth step times (:mod:`nbkit.estimate.fit_constants`;
+  training-reference.md §3 has inference at about 16% of the fp16 peak). It is applied to other GPUs
+  as the same share of their peak, which is optimistic for the faster ones.
 - *seconds per micro-batch*: what does not shrink with the batch: kernel launches, Python, the
-  per-tensor optimizer and clipping loops (0.47 s fitted; a T4 is launch-bound at batch 1-2).
+  per-tensor optimizer and clipping loops (fitted too; a T4 is launch-bound at batch 1-2).
 - *weight-sized traffic*: a full fine-tune casts its fp32 weights to fp16 each forward (and again
   for recomputed blocks), casts the weight gradients to fp32, unscales and clips them, and the
   optimizer reads and writes weights, gradients and states: bytes per trainable parameter.
+
+The shipped constants are in :mod:`nbkit.estimate.constants`; docs/estimator.md has the fit and its
+error on the published rows.
 """
 
 from __future__ import annotations
@@ -60,10 +62,15 @@ def traffic_bytes(setting: Setting, trainable_params: int) -> float:
     return trainable_params * (per_micro * setting.gradient_accumulation_steps + _UNSCALE_CLIP + optimizer)
 
 
-def step_seconds(flops: float, traffic: float, setting: Setting, gpu: str = "T4") -> float:
-    from nbkit.estimate.calibration import speed_constants
+def step_seconds(flops: float, traffic: float, setting: Setting, gpu: str = "T4",
+                 speed: tuple[float, float, float] | None = None) -> float:
+    """Seconds per optimizer step; ``speed`` is (fp16 utilisation, fp32 utilisation, seconds per
+    micro-batch), the shipped constants when None."""
+    if speed is None:
+        from nbkit.estimate.constants import MICRO_BATCH_SECONDS, UTILISATION_FP16, UTILISATION_FP32
 
-    fp16, fp32, micro = speed_constants()
+        speed = (UTILISATION_FP16, UTILISATION_FP32, MICRO_BATCH_SECONDS)
+    fp16, fp32, micro = speed
     spec = GPUS[gpu]
     half = setting.mixed_precision != "no"
     rate = (fp16 * spec.fp16_tflops if half else fp32 * FP32_TFLOPS[gpu]) * 1e12

@@ -9,7 +9,6 @@ in fp32 (master weights), the VAE in fp32; LoRA is injected with nbkit's own ``i
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,8 +79,8 @@ def build_models(setting: Setting) -> MetaModels:
     for model in (unet, *encoders):
         model.requires_grad_(False)
     full = setting.method == "dreambooth"
-    # diffusers warns about "modules that should be kept in float32: []" on every cast: an empty list here
-    logging.getLogger("diffusers.models.modeling_utils").setLevel(logging.ERROR)
+    # diffusers' "modules that should be kept in float32: []" notice on every cast is dropped by its
+    # text where it is logged (nbkit.runtime.NOISE, set up by ``import nbkit``); nothing else is silenced
     unet.to(master if full else low)
     for te in encoders:
         te.to(master if full and setting.trains_text_encoder else low)

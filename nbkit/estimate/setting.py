@@ -35,38 +35,87 @@ GPUS: dict[str, GPU] = {g.name: g for g in (
 GPU_MEMORY_GIB: dict[str, float] = {name: gpu.memory_gib for name, gpu in GPUS.items()}
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One training step to simulate. Field names are the kohya options of nbkit's configs."""
+# Setting's fields in order. A "Class.option" string mirrors that option of a training config class:
+# its name, type, default and help come from the config, so a changed default there is the
+# estimator's default too. A tuple is a field declared here: the estimator's own, or (with "mirrors"
+# in its metadata) one of DreamBoothTrainConfig's, which cannot be imported here yet:
+# nbkit.train.dreambooth_config imports nbkit.train.run_file (resolve_dreambooth_datasets), which
+# imports nbkit.estimate.cli (--auto_fit), an import cycle. tests/test_estimate_units.py checks those
+# three against DreamBoothTrainConfig; once that edge is gone they become "DreamBoothTrainConfig.x".
+# A new memory-relevant option is one more "Class.option" line plus what the simulation does with it.
+def _dreambooth(name: str, default: bool) -> tuple:
+    """A DreamBoothTrainConfig option declared here (see above)."""
+    return name, bool, field(default=default, metadata={"mirrors": f"DreamBoothTrainConfig.{name}"})
 
-    method: str  # lora | dreambooth | hypernetwork
-    arch: str = "sd15"  # sd15 | sd21 | sd21-v | sdxl
-    resolution: int = 512
-    train_batch_size: int = 1
-    gradient_checkpointing: bool = True
-    optimizer_type: str = "AdamW8bit"
-    mixed_precision: str = "fp16"  # fp16 | bf16 | no
-    train_text_encoder: bool = False
-    network_dim: int = 16
-    conv_dim: int | None = None
-    use_ema: bool = False
-    cache_latents: bool = True
-    cache_text_encoder_outputs: bool = False
-    gradient_accumulation_steps: int = 1
+
+_LAYOUT: tuple = (
+    ("method", str),  # lora | dreambooth | hypernetwork
+    ("arch", str, field(default="sd15")),  # sd15 | sd21 | sd21-v | sdxl
+    "TrainConfig.resolution",
+    "TrainConfig.train_batch_size",
+    "TrainConfig.gradient_checkpointing",
+    "TrainConfig.optimizer_type",
+    "TrainConfig.mixed_precision",
+    _dreambooth("train_text_encoder", False),  # LoRA's: not network_train_unet_only
+    "LoRATrainConfig.network_dim",
+    "LoRATrainConfig.conv_dim",
+    _dreambooth("use_ema", False),
+    "TrainConfig.cache_latents",
+    "TrainConfig.cache_text_encoder_outputs",
+    "TrainConfig.gradient_accumulation_steps",
     # diffusers/ShivamShrirao DreamBooth: each step's batch is train_batch_size instance images plus as
     # many class images, so the U-Net sees twice the batch. nbkit (like kohya) shuffles class images into
     # the same batches instead: leave it False for nbkit runs.
-    with_prior_preservation: bool = False
-    ema_on_cpu: bool = True  # nbkit's DreamBooth default: the EMA copy lives in system RAM
-    sdpa: bool = True  # memory-efficient attention (SDPA or xformers); False: kohya's naive N x N attention
-    full_fp16: bool = False  # kohya --full_fp16: trainable weights in fp16 too (no fp32 master weights)
-    max_token_length: int | None = None  # 75 (None), 150 or 225: the caption is 1, 2 or 3 CLIP chunks
-    layer_structure: tuple[float, ...] = (1.0, 2.0, 1.0)  # hypernetwork
+    ("with_prior_preservation", bool, field(default=False)),
+    _dreambooth("ema_on_cpu", True),
+    "TrainConfig.sdpa",
+    # kohya --full_fp16: trainable weights in fp16 too (no fp32 master weights); no nbkit option
+    ("full_fp16", bool, field(default=False)),
+    "TrainConfig.max_token_length",
+    "HypernetworkTrainConfig.layer_structure",  # "1, 2, 1" there, (1.0, 2.0, 1.0) here (hashable)
     # None: torch's default on a GPU (foreach optimizers, torch >= 2.0); False: the one-tensor-at-a-time
     # loop of torch 1.12 (the published T4 table was measured with it).
-    foreach: bool | None = None
-    unet_config: dict | None = field(default=None, compare=False, hash=False)  # simulate another UNet
-    unet_config_key: str | None = None  # a digest of unet_config (set automatically): part of the cache key
+    ("foreach", "bool | None", field(default=None)),
+    # simulate another U-Net (a diffusers config); unet_config_key, its digest (set automatically), is
+    # what equality and the estimate cache compare
+    ("unet_config", "dict | None", field(default=None, compare=False, hash=False)),
+    ("unet_config_key", "str | None", field(default=None)),
+)
+_MIRRORS = [e if isinstance(e, str) else e[2].metadata.get("mirrors") if len(e) > 2 else None for e in _LAYOUT]
+#: option name -> the config class whose field a Setting mirrors
+MIRRORED: dict[str, str] = {m.split(".")[1]: m.split(".")[0] for m in _MIRRORS if m}
+
+
+def parse_layer_structure(structure) -> tuple[float, ...]:
+    """A hypernetwork ``layer_structure`` ("1, 2, 1", a list or a tuple) as a tuple of floats."""
+    if isinstance(structure, str):
+        structure = [x for x in structure.strip("[]() ").split(",") if x.strip()]
+    return tuple(float(x) for x in structure)
+
+
+def _config_classes() -> dict[str, type]:
+    from nbkit.train.config import LoRATrainConfig, TrainConfig
+    from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
+
+    return {cls.__name__: cls for cls in (TrainConfig, LoRATrainConfig, HypernetworkTrainConfig)}
+
+
+def _mirrored_field(entry: str, classes: dict[str, type]) -> tuple[str, object, dataclasses.Field]:
+    """(name, type, field) of a "Class.option" entry of :data:`_LAYOUT`, from the config class."""
+    owner, name = entry.split(".")
+    spec = {f.name: f for f in dataclasses.fields(classes[owner])}.get(name)
+    if spec is None:
+        raise TypeError(f"nbkit.estimate.Setting mirrors {entry}, which no longer exists: update "
+                        "nbkit.estimate.setting._LAYOUT")
+    default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+    kind = spec.type
+    if name == "layer_structure":
+        default, kind = parse_layer_structure(default), "tuple[float, ...]"
+    return name, kind, field(default=default, metadata={**spec.metadata, "mirrors": entry})
+
+
+class _SettingMethods:
+    """The behaviour of :class:`Setting` (its fields are made below)."""
 
     def __post_init__(self) -> None:
         if self.unet_config is not None and self.unet_config_key is None:
@@ -99,6 +148,19 @@ class Setting:
         if "unet_config" in changes:
             changes.setdefault("unet_config_key", None)
         return dataclasses.replace(self, **changes)
+
+
+def _make_setting() -> type:
+    classes = _config_classes()
+    fields = [_mirrored_field(entry, classes) if isinstance(entry, str) else entry for entry in _LAYOUT]
+    doc = ("One training step to simulate. Its training options (:data:`MIRRORED`) are fields of nbkit's "
+           "config dataclasses (kohya names) with their types, defaults and help; the others are the "
+           "estimator's own.")
+    return dataclasses.make_dataclass("Setting", fields, bases=(_SettingMethods,), frozen=True,
+                                      namespace={"__doc__": doc, "__module__": __name__})
+
+
+Setting = _make_setting()
 
 
 def _digest(config: dict) -> str:
@@ -152,41 +214,35 @@ def micro_setting(setting: Setting) -> Setting:
 
 
 def setting_from_config(config, method: str | None = None, arch: str | None = None) -> Setting:
-    """A :class:`Setting` from any of the three training configs (kohya field names).
+    """A :class:`Setting` from any of the three training configs: every :data:`MIRRORED` option the
+    config has, read as the trainer reads it.
 
     ``arch`` defaults to ``"sd15"``, or ``"sd21-v"``/``"sd21"`` when the config's ``v2`` /
     ``v_parameterization`` fields say so."""
     method = method or method_of(config)
-    if arch is None:
-        arch = ("sd21-v" if getattr(config, "v_parameterization", None) else "sd21") if getattr(config, "v2", None) else "sd15"
     get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
-    if method == "lora":
-        train_te = bool(get("train_text_encoder", not get("network_train_unet_only", False)))
-    elif method == "dreambooth":
-        train_te = bool(get("trains_text_encoder", get("train_text_encoder", False)))
+    if arch is None:
+        arch = ("sd21-v" if get("v_parameterization") else "sd21") if get("v2") else "sd15"
+    values = {name: get(name) for name in MIRRORED if hasattr(config, name)}
+    # what the trainers make of some options
+    if method == "lora":  # LoRATrainConfig.train_text_encoder: not network_train_unet_only
+        values["train_text_encoder"] = bool(get("train_text_encoder", not get("network_train_unet_only", False)))
+    elif method == "dreambooth":  # stop_text_encoder_training may keep it from training at all
+        values["train_text_encoder"] = bool(get("trains_text_encoder", get("train_text_encoder", False)))
     else:
-        train_te = False
-    cache_te = bool(get("cache_text_encoder_outputs", False))
+        values["train_text_encoder"] = False
     if method == "hypernetwork":  # the trainer moves the text encoder off when every prompt is fixed
-        cache_te = not (get("shuffle_tags", False) or get("tag_drop_out", 0.0))
+        values["cache_text_encoder_outputs"] = not (get("shuffle_tags", False) or get("tag_drop_out", 0.0))
     if method == "dreambooth" and get("network_module"):
         method = "lora"  # "LoRA via DreamBooth" trains a LoRA
-    structure = get("layer_structure", "1, 2, 1")
-    if isinstance(structure, str):
-        structure = [x for x in structure.strip("[]() ").split(",") if x.strip()]
-    return Setting(
-        method=method, arch=arch, resolution=int(get("resolution", 512)),
-        train_batch_size=int(get("train_batch_size", 1)),
-        gradient_checkpointing=bool(get("gradient_checkpointing", True)),
-        optimizer_type=str(get("optimizer_type", "AdamW8bit")), mixed_precision=str(get("mixed_precision", "fp16")),
-        train_text_encoder=train_te, network_dim=int(get("network_dim", 16) or 16), conv_dim=get("conv_dim"),
-        use_ema=bool(get("use_ema", False)), ema_on_cpu=bool(get("ema_on_cpu", True)),
-        cache_latents=bool(get("cache_latents", True)), cache_text_encoder_outputs=cache_te,
-        gradient_accumulation_steps=int(get("gradient_accumulation_steps", 1)),
-        full_fp16=bool(get("full_fp16", False)), max_token_length=get("max_token_length"),
-        sdpa=bool(get("sdpa", True) or get("xformers", False)),
-        layer_structure=tuple(float(x) for x in structure),
-    )
+    if not values.get("network_dim"):
+        values.pop("network_dim", None)
+    values["sdpa"] = bool(get("sdpa", True) or get("xformers", False))  # xformers: the same kind of kernel
+    if hasattr(config, "full_fp16"):  # kohya's option (no nbkit config has it)
+        values["full_fp16"] = bool(config.full_fp16)
+    if "layer_structure" in values:
+        values["layer_structure"] = parse_layer_structure(values["layer_structure"])
+    return Setting(method=method, arch=arch, **values)
 
 
 def method_of(config) -> str:

@@ -6,6 +6,8 @@ from setuptools import find_packages, setup
 
 here = Path(__file__).parent
 OPTIMIZERS = ["lion-pytorch>=0.2", "prodigyopt>=1.1", "dadaptation>=3.2"]
+# LyCORIS networks (network_module = "lycoris.kohya"): the reference implementation itself (pulls einops, toml)
+LYCORIS = ["lycoris-lora>=4.1.3,<4.2"]
 version = {}
 exec((here / "nbkit" / "_version.py").read_text(), version)
 
@@ -46,10 +48,11 @@ setup(
         "imagehash>=4.3",  # near-duplicate detection (nbkit dataset dedup)
     ],
     extras_require={
-        # the tests also exercise the optional optimizers, so dev pulls them in
+        # the tests also exercise the optional optimizers and LyCORIS, so dev pulls them in
         "dev": ["pytest>=8", "setuptools>=70.1",  # setuptools: the wheel test builds without isolation
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "ruff>=0.5", *OPTIMIZERS],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6", "ruff>=0.5", *OPTIMIZERS, *LYCORIS],
         "optimizers": OPTIMIZERS,
+        "lycoris": LYCORIS,
         "tagger": ["onnxruntime>=1.17", "onnx>=1.16"],
         # on a Colab GPU: onnxruntime-gpu instead of onnxruntime (never both in one environment)
         "tagger-gpu": ["onnxruntime-gpu>=1.19", "onnx>=1.16"],

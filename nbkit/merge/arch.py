@@ -29,7 +29,7 @@ class ArchitectureMismatchError(ValueError):
 def model_family(specs: Mapping[str, TensorSpec]) -> str:
     """``sd1`` | ``sd2`` | ``sdxl`` | ``lora`` | ``vae`` | ``unet`` | ``unknown`` from key names."""
     keys = list(specs)
-    if any(k.startswith("lora_") or ".lora_down." in k or ".hada_w1" in k for k in keys):
+    if any(k.startswith("lora_") or ".lora_down." in k or ".hada_w1" in k or ".lokr_w" in k for k in keys):
         return "lora"
     if any(k.startswith("conditioner.embedders.") for k in keys):
         return "sdxl"

@@ -4,6 +4,11 @@
 :mod:`nbkit.merge.lora_math`), computed in ``precision`` and stored in the tensor's own dtype
 (or ``save_precision``). Every other key of the model is kept.
 
+LyCORIS files (``lycoris.kohya``: LoHa, LoKr, tucker LoCon, DoRA) merge with the weight LyCORIS's
+forward pass builds (:meth:`nbkit.formats.lycoris.LycorisModule.apply`): ``W + ratio·ΔW``, or with
+``dora_scale`` the decomposed ``(W + ΔW)·(ratio·(m/‖W + ΔW‖ − 1) + 1)``. Several files apply one
+after the other, in the order given (which matters only for DoRA: its norm is the current weight's).
+
 kohya stems are diffusers-style (``lora_unet_down_blocks_0_attentions_0_…``,
 ``lora_te_text_model_encoder_layers_0_…``). They are resolved against the module names of a
 UNet/CLIP built on the meta device from the model's config, then mapped to checkpoint keys:
@@ -28,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from nbkit.formats.lycoris import LycorisModule, group_lycoris, is_lycoris_state_dict, resolve_stems
 from nbkit.merge.lora_math import LoraModule, fit_shape
 from nbkit.merge.sources import DiffusersSource, TensorSource, WeightFiles, check_output, open_source
 from nbkit.merge.streaming import TensorSpec, read_safetensors_specs, save_ckpt, stream_safetensors
@@ -47,19 +53,25 @@ class Target:
 
 @dataclass
 class Patch:
-    """One LoRA module applied to one target with a ratio."""
+    """One LoRA (or LyCORIS) module applied to one target with a ratio."""
 
-    module: LoraModule
+    module: LoraModule | LycorisModule
     ratio: float
     rows: tuple[int, int] | None
     source: str
 
 
 def apply_patches(weight: torch.Tensor, patches: Sequence[Patch], precision: torch.dtype) -> torch.Tensor:
-    """``W + Σ ratio·(alpha/r)·up@down`` in ``precision`` (pure; ``weight`` is not modified)."""
+    """``W + Σ ratio·(alpha/r)·up@down`` in ``precision`` (pure; ``weight`` is not modified).
+
+    A LyCORIS module replaces the weight (or its rows) with the adapted one, since DoRA's result
+    depends on the weight it is applied to; patches apply in order."""
     out = weight.to(precision, copy=True)
     for p in patches:
         region = out if p.rows is None else out[p.rows[0] : p.rows[1]]
+        if isinstance(p.module, LycorisModule):
+            region.copy_(p.module.apply(region, p.ratio, precision))
+            continue
         delta = fit_shape(p.module.delta(precision), region.shape, p.source)
         region += p.ratio * delta
     return out
@@ -127,6 +139,9 @@ def plan_patches(
     weights = {"unet": unet, "text_encoder": te}
     plan: dict[tuple[str | None, str], list[Patch]] = {}
     for name, sd, ratio in loras:
+        if is_lycoris_state_dict(sd):
+            _plan_lycoris(plan, name, sd, ratio, weights, resolve, specs)
+            continue
         unet_sd, te_sd, alphas, _ = kohya_to_peft(
             sd, unet_module_names=names["unet"], te_module_names=names["text_encoder"], source=name
         )
@@ -144,6 +159,28 @@ def plan_patches(
                 fit_shape(torch.empty(lora.weight_shape, device="meta"), shape, what)
                 plan.setdefault((target.component, target.key), []).append(Patch(lora, ratio, target.rows, what))
     return plan
+
+
+def _plan_lycoris(plan: dict, name: str, sd: dict[str, torch.Tensor], ratio: float, models: dict, resolve, specs) -> None:
+    """Add a LyCORIS file's patches to ``plan``: stems resolved against the (meta) models, every
+    module's delta checked against its target's shape."""
+    modules = group_lycoris(sd, name)
+    sdxl = [s for s in modules if s.startswith(("lora_te1_", "lora_te2_"))]
+    if sdxl:
+        raise ValueError(f"{name}: an SDXL LyCORIS file (e.g. {sdxl[0]}); `merge lora-into` merges SD1.x/SD2.x files")
+    names = {kind: [n for n, _ in m.named_modules()] for kind, m in models.items()}
+    for stem, (kind, path) in sorted(resolve_stems(modules, {**names, "text_encoder_2": None}, name).items()):
+        module = modules[stem]
+        target = resolve(kind, path, models[kind].get_submodule(path).weight)
+        spec = specs(target)
+        if spec is None:
+            raise ValueError(f"{name}: {kind} module {path} -> {target.key}, which the model does not have")
+        shape = spec.shape if target.rows is None else (target.rows[1] - target.rows[0], *spec.shape[1:])
+        what = f"{name}: {kind} {path} ({module.algo}) into {target.key} {spec.shape}"
+        if not module.fits(shape):
+            raise ValueError(f"{what}: the {module.algo} delta {module.flat_shape()} does not fit (a LyCORIS file "
+                             "for another model?)")
+        plan.setdefault((target.component, target.key), []).append(Patch(module, ratio, target.rows, what))
 
 
 @dataclass
@@ -216,7 +253,7 @@ def merge_lora_into(
     overwrite: bool = False,
     progress: bool = True,
 ) -> LoraIntoResult:
-    """Merge kohya LoRAs ``[(file, ratio), ...]`` into ``model`` and write ``out``.
+    """Merge kohya LoRAs and LyCORIS files ``[(file, ratio), ...]`` into ``model`` and write ``out``.
 
     ``model``: an original-layout ``.safetensors``/``.ckpt`` or a diffusers folder. ``out``:
     ``.safetensors``/``.ckpt`` (original layout), or a folder name for a diffusers model.
@@ -234,7 +271,7 @@ def merge_lora_into(
     check_output(out, [model, *paths], overwrite)
     for p in paths:
         if p.suffix.lower() != ".safetensors" or not p.is_file():
-            raise FileNotFoundError(f"{p}: not a kohya LoRA .safetensors file")
+            raise FileNotFoundError(f"{p}: not a kohya LoRA / LyCORIS .safetensors file")
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(model))
         if not single and not isinstance(source, DiffusersSource):

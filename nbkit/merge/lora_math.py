@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nbkit.formats.lycoris import LYCORIS_ONLY
+
 MIN_SV = 1e-6  # resize_lora.py
 CLAMP_QUANTILE = 0.99  # svd_merge_lora.py
 DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
@@ -98,9 +100,12 @@ def group_lora(state_dict: Mapping[str, torch.Tensor], source: str = "LoRA") -> 
         else:
             unknown.append(key)
     if unknown:
+        lycoris = any(k.partition(".")[2] in LYCORIS_ONLY for k in unknown)
         raise ValueError(
             f"{source}: {len(unknown)} keys are not kohya LoRA keys (<name>.lora_down.weight/.lora_up.weight/.alpha), "
-            f"e.g. {unknown[:3]}; LyCORIS (LoHa/LoKr), DoRA and diffusers/peft files are not supported here"
+            f"e.g. {unknown[:3]}; "
+            + ("a LyCORIS file (LoHa/LoKr/DoRA): merge it into a checkpoint with `nbkit merge lora-into`"
+               if lycoris else "diffusers/peft files are not supported here")
         )
     out = {}
     for stem, p in parts.items():

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nbkit.formats.kohya_metadata import IMPL_DIFFUSERS
 from nbkit.formats.ldm_checkpoint import ARCHITECTURES
+from nbkit.formats.lycoris import is_lycoris_state_dict
 from nbkit.merge.lora_math import (
     CLAMP_QUANTILE,
     LoraModule,
@@ -46,8 +47,28 @@ def read_lora(path: str | Path) -> tuple[dict[str, LoraModule], dict[str, str]]:
         raise FileNotFoundError(f"{path}: no such LoRA file")
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"{path}: only kohya .safetensors LoRAs are supported")
-    _, meta = read_safetensors_specs(path)
+    specs, meta = read_safetensors_specs(path)
+    if is_lycoris_state_dict(specs):
+        raise ValueError(lycoris_refusal(path, meta))
     return group_lora(load_file(str(path)), str(path)), meta
+
+
+def lycoris_refusal(path: str | Path, metadata: Mapping[str, str]) -> str:
+    """Why ``merge loras`` / ``lora resize`` refuse a LyCORIS file, and what to do instead.
+
+    Both work on LoRA factors (``ΔW = up @ down``): a sum of LoHa (Hadamard) or LoKr (Kronecker)
+    deltas is no LoHa/LoKr, a DoRA module's effect depends on the base weight it scales, and a
+    flattened LoHa/LoKr conv factor does not say its kernel without the model. LyCORIS's author
+    gives the same advice (KohakuBlueleaf/LyCORIS#229): merge each file into the base model.
+    """
+    try:
+        algo = json.loads(metadata.get("ss_network_args") or "{}").get("algo")
+    except (ValueError, AttributeError):
+        algo = None
+    what = f"a LyCORIS {algo} file" if algo else "a LyCORIS file (LoHa/LoKr/DoRA)"
+    return (f"{path}: {what}: merging or resizing LoRA factors does not apply to it (a sum of LoHa/LoKr deltas "
+            "is no LoHa/LoKr, DoRA depends on the base weights); merge it into the checkpoint instead, "
+            "together with the other files: nbkit merge lora-into --model MODEL --lora FILE[:RATIO] ... --out OUT")
 
 
 def lora_arch(modules: Mapping[str, LoraModule], metadata: Mapping[str, str], source: str) -> str:

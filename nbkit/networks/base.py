@@ -36,6 +36,7 @@ from nbkit.errors import ConfigError
 #: kohya ``network_module`` name -> "python.module:Class" of its plug-in
 NETWORKS: dict[str, str] = {
     "networks.lora": "nbkit.networks.lora:LoRANetwork",
+    "lycoris.kohya": "nbkit.networks.lycoris:LycorisNetwork",
 }
 
 #: the parts of a base model a network may adapt, in the order their parameter groups are built
@@ -68,3 +69,25 @@ def network_class(module: str) -> type[Network]:
 
 def make_network(config) -> Network:
     return network_class(config.network_module)(config)
+
+
+def split_network_args(network_args, where="config") -> dict[str, str]:
+    """kohya ``--network_args k=v ...`` -> ``{k: v}`` (train_network.py: ``net_arg.split("=", 1)``)."""
+    out: dict[str, str] = {}
+    for item in network_args or []:
+        key, sep, value = str(item).partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not key:
+            raise ConfigError(f"{where('network_args') if callable(where) else where}: {item!r} is not key=value: write e.g. "
+                              "network_args = [\"algo=loha\", \"conv_dim=4\"]")
+        if key in out:
+            raise ConfigError(f"{where('network_args') if callable(where) else where}: {key} is given twice ({out[key]!r} and {value!r}): keep one")
+        out[key] = value
+    return out
+
+
+def check_network_config(config, where="config"):
+    """The network's own checks of the config (its ``network_args``), before any model loads; a
+    plug-in may define ``check_config(config, where)`` for them."""
+    check = getattr(network_class(config.network_module), "check_config", None)
+    return check(config, where) if check is not None else None

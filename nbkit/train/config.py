@@ -19,7 +19,7 @@ PRECISIONS = ("no", "fp16", "bf16")
 SAVE_PRECISIONS = ("float", "fp32", "fp16", "bf16")
 LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
-NETWORK_MODULES = ("networks.lora",)  # kohya network_module names nbkit trains (nbkit.networks.base.NETWORKS)
+NETWORK_MODULES = ("networks.lora", "lycoris.kohya")  # kohya network_module names nbkit trains (nbkit.networks.base.NETWORKS)
 
 
 @dataclass
@@ -257,6 +257,9 @@ class LoRATrainConfig(TrainConfig):
         if self.network_train_unet_only and self.network_train_text_encoder_only:
             raise ConfigError(f"{_place(where, 'network_train_unet_only')}: network_train_unet_only and "
                               "network_train_text_encoder_only are both true: nothing to train; keep one")
+        from nbkit.networks.base import check_network_config
+
+        check_network_config(self, where)  # network_module and network_args, as the network reads them
         return self._without_zero_rate_parts(where)
 
     def _without_zero_rate_parts(self, where: Where) -> LoRATrainConfig:

@@ -1,0 +1,456 @@
+"""LyCORIS networks (kohya ``network_module = "lycoris.kohya"``): LoHa, LoKr, LoCon, DoRA-style weight decomposition.
+
+The algorithms are the ``lycoris-lora`` package's own module classes (``lycoris/modules/loha.py::LohaModule``,
+``lokr.py::LokrModule``, ``locon.py::LoConModule``: their parameters, init, scale, dropouts, DoRA and
+forward), so a file trained here is what ``--network_module lycoris.kohya`` writes. What nbkit does itself:
+
+- picks the modules as ``lycoris/kohya.py::create_network`` + ``LycorisNetworkKohya.__init__`` do
+  (``create_modules``/``create_single_module``, presets of ``lycoris/config.py``): inside every module
+  whose class is in the preset's target list, every ``Linear``/``Conv`` descendant; plus the modules the
+  preset names (``conv_in``, ``conv_out``, ``time_embedding.linear_1/2`` in the default ``full``);
+  Linear and 1x1 convs get ``network_dim``/``network_alpha``, larger convs ``conv_dim``/``conv_alpha``
+  (default: ``network_dim``/``network_alpha``; 0 or a preset without convs: none). ``create_network``
+  itself is not called: it keeps the preset in class attributes (``LycorisNetworkKohya.apply_preset``);
+- names the modules with kohya's stems (:func:`nbkit.formats.lycoris.lycoris_stem`: ``text_model_`` in
+  text-encoder stems, which transformers >= 5.6 dropped from ``CLIPTextModel``'s module paths). kohya's
+  U-Net (``library/original_unet.py``) calls its attention class ``CrossAttention``, diffusers ``Attention``
+  (the ``attn-only`` preset names kohya's);
+- registers every LyCORIS module as a child (``lycoris``) of the layer it adapts, so its parameters are
+  the base model's (optimizer groups, resume state, DDP) while LyCORIS's ``apply_to`` patches the forward.
+
+``network_args`` are parsed and checked by :func:`check_network_args` (before anything loads).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nbkit.errors import ConfigError
+from nbkit.networks.base import split_network_args
+from nbkit.formats.lycoris import group_lycoris, lycoris_stem, resolve_stems
+
+#: network_args algo -> LyCORIS module class (``lycoris/wrapper.py::network_module_dict``)
+ALGOS = {"lora": "LoConModule", "locon": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule"}
+#: algos LyCORIS has that nbkit does not train (yet)
+OTHER_ALGOS = ("ia3", "dylora", "glora", "full", "diag-oft", "boft", "tlora")
+#: kohya's U-Net class names (library/original_unet.py) -> the diffusers classes of the same blocks
+CLASS_ALIASES = {"Attention": "CrossAttention"}
+ADAPTER = "lycoris"  # attribute of the adapted layer that holds its LyCORIS module
+_BOOLS = {"true": True, "false": False}
+#: lycoris.kohya options nbkit does not support, and why
+UNSUPPORTED = {
+    "train_norm": "norm-layer training is not supported", "block_size": "it is an OFT/BOFT option",
+    "constraint": "it is an OFT/BOFT option", "constrain": "it is an OFT/BOFT option",
+    "rescaled": "it is an OFT/BOFT option", "train_t5xxl": "it is for Flux/SD3 text encoders",
+    "train_llm_adapter": "it is for Anima models", "loraplus_lr_ratio": "LoRA+ learning rates are not supported",
+    "loraplus_unet_lr_ratio": "LoRA+ learning rates are not supported",
+    "loraplus_text_encoder_lr_ratio": "LoRA+ learning rates are not supported",
+    # lycoris/wrapper.py::deprecated_arg_dict copies it to use_tucker as it is, so disable_conv_cp=True turns
+    # tucker ON in LyCORIS 4.1.3: too confusing to accept
+    "disable_conv_cp": "an old spelling LyCORIS reads as use_tucker with the same value; write use_tucker=True/False",
+}  # fmt: skip
+#: the use_tucker spellings LyCORIS still reads (``lycoris/wrapper.py::deprecated_arg_dict``)
+TUCKER_ALIASES = ("use_cp", "use_conv_cp")
+_BOOL_ARGS = ("decompose_both", "full_matrix", "use_tucker", "use_scalar", "dora_wd", "wd_on_output", "rs_lora",
+              "unbalanced_factorization", "bypass_mode")  # fmt: skip
+_INT_ARGS = ("conv_dim", "factor")
+_FLOAT_ARGS = ("conv_alpha", "dropout", "rank_dropout", "module_dropout")
+KNOWN_ARGS = tuple(sorted(("algo", "preset", *_BOOL_ARGS, *_INT_ARGS, *_FLOAT_ARGS, *TUCKER_ALIASES)))
+
+
+@dataclass(frozen=True)
+class LycorisArgs:
+    """``network_args`` of a ``lycoris.kohya`` network, parsed (``lycoris/kohya.py::create_network``)."""
+
+    algo: str = "lora"
+    preset: str = "full"
+    conv_dim: int | None = None  # None: network_dim (LyCORIS's default)
+    conv_alpha: float | None = None  # None: network_alpha
+    dropout: float = 0.0
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
+    use_tucker: bool = False
+    use_scalar: bool = False
+    dora_wd: bool = False
+    wd_on_output: bool = True
+    rs_lora: bool = False
+    unbalanced_factorization: bool = False
+    bypass_mode: bool = False
+    written: dict[str, str] = field(default_factory=dict)  # as kohya writes ss_network_args (strings)
+
+
+#: LoRATrainConfig fields that are network_args under LyCORIS (kohya: --network_dropout becomes dropout)
+_CONFIG_FIELDS = {"conv_dim": "conv_dim", "conv_alpha": "conv_alpha", "network_dropout": "dropout",
+                  "rank_dropout": "rank_dropout", "module_dropout": "module_dropout"}  # fmt: skip
+
+
+def _place(where, name: str) -> str:
+    return where(name) if callable(where) else where
+
+
+def _convert(key: str, value: str, where) -> object:
+    """One network_args value as LyCORIS reads it (but a boolean must say True or False: LyCORIS's
+    ``str_bool`` takes anything but "false" as True, "0" and "no" too)."""
+    place = f"{_place(where, 'network_args')}: {key}={value}"
+    if key in _BOOL_ARGS or key in TUCKER_ALIASES:
+        if value.lower() not in _BOOLS:
+            raise ConfigError(f"{place}: write {key}=True or {key}=False")
+        return _BOOLS[value.lower()]
+    if key in _INT_ARGS:
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{place}: must be a whole number, e.g. {key}=4") from None
+    if key in _FLOAT_ARGS:
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{place}: must be a number, e.g. {key}=1") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{place}: must be a finite number")
+        return number
+    return value.lower() if key == "algo" else value
+
+
+def check_network_args(config, where="config") -> LycorisArgs:
+    """The config's LyCORIS options, or a :class:`ConfigError` naming the option and the fix.
+
+    Reads ``network_args`` as kohya users write them for ``lycoris.kohya`` (``algo``, ``preset``,
+    ``conv_dim``, ``conv_alpha``, ``factor``, ``dora_wd``, ``dropout``, ``rank_dropout``, ``module_dropout``,
+    ``use_tucker``, ...), plus nbkit's own fields of the same meaning (``conv_dim``, ``conv_alpha``,
+    ``network_dropout`` -> ``dropout``, ``rank_dropout``, ``module_dropout``), which must not contradict
+    them. Needs the ``lycoris-lora`` package (``pip install 'nbkit[lycoris]'``).
+    """
+    given = split_network_args(getattr(config, "network_args", None), where)
+    for key in given:
+        if key in UNSUPPORTED:
+            raise ConfigError(f"{_place(where, 'network_args')}: {key}: {UNSUPPORTED[key]} in nbkit's lycoris.kohya; "
+                              "remove it")
+        if key not in KNOWN_ARGS:
+            close = difflib.get_close_matches(key, KNOWN_ARGS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{_place(where, 'network_args')}: unknown LyCORIS option {key!r}{hint}; lycoris.kohya "
+                              f"options nbkit trains with: {', '.join(KNOWN_ARGS)}")
+    written = dict(given)
+    for name, key in _CONFIG_FIELDS.items():  # nbkit's fields: the same option under another spelling
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if key in given and float(_convert(key, given[key], where)) != float(value):
+            raise ConfigError(f"{_place(where, name)}: {name} = {value} but network_args has {key}={given[key]}: "
+                              "give it once")
+        given.setdefault(key, str(value))
+        written.setdefault(key, str(value))
+    values = {k: _convert(k, v, where) for k, v in given.items()}
+    # create_network: use_tucker = use_conv_cp or use_cp or use_tucker
+    values["use_tucker"] = any(values.pop(k, False) for k in (*TUCKER_ALIASES, "use_tucker"))
+    args = LycorisArgs(**values, written=written)
+    _check_values(args, config, where)
+    return args
+
+
+def _check_values(args: LycorisArgs, config, where) -> None:
+    place = _place(where, "network_args")
+    if args.algo in OTHER_ALGOS:
+        raise ConfigError(f"{place}: algo={args.algo} is a LyCORIS algorithm nbkit does not train; use one of "
+                          f"{', '.join(ALGOS)}")
+    if args.algo not in ALGOS:
+        raise ConfigError(f"{place}: algo={args.algo} is not a LyCORIS algorithm: use one of {', '.join(ALGOS)}")
+    for name in ("dropout", "rank_dropout", "module_dropout"):
+        if not 0.0 <= getattr(args, name) < 1.0:
+            raise ConfigError(f"{place}: {name}={getattr(args, name)}: a dropout is in [0, 1), e.g. {name}=0.1")
+    if args.conv_dim is not None and args.conv_dim < 0:
+        raise ConfigError(f"{place}: conv_dim={args.conv_dim}: the 3x3 conv rank is >= 0 (0 trains no 3x3 convs)")
+    if args.factor == 0 or args.factor < -1:
+        raise ConfigError(f"{place}: factor={args.factor}: LoKr's factor is -1 (as balanced as possible) or >= 1, "
+                          "e.g. factor=8")
+    if args.dora_wd and args.bypass_mode:
+        raise ConfigError(f"{place}: dora_wd=True with bypass_mode=True: LyCORIS's bypass forward ignores the weight "
+                          "decomposition (the file's dora_scale would act only at inference); drop one")
+    preset_targets(args.preset, where)  # raises for an unknown preset
+    if getattr(config, "network_dim", 1) < 1:
+        raise ConfigError(f"{_place(where, 'network_dim')}: network_dim = {config.network_dim}: the LyCORIS rank is "
+                          ">= 1, e.g. 8")
+
+
+def preset_targets(preset: str, where="config") -> dict:
+    """A LyCORIS preset (a built-in name of ``lycoris/config.py::PRESET`` or a ``.toml`` file) as a dict."""
+    try:
+        from lycoris.config import PRESET
+        from lycoris.config_sdk import PresetConfig, PresetValidationError
+    except ImportError:
+        raise ConfigError(f"{_place(where, 'network_module')}: lycoris.kohya needs the lycoris-lora package: "
+                          "pip install 'nbkit[lycoris]'") from None
+    place = f"{_place(where, 'network_args')}: preset={preset}"
+    if preset in PRESET:
+        data = PRESET[preset]
+    elif preset.endswith(".toml") and Path(preset).expanduser().is_file():
+        try:
+            raw = tomllib.loads(Path(preset).expanduser().read_text(encoding="utf-8"))
+            data = PresetConfig.from_dict(raw).to_dict()
+        except (tomllib.TOMLDecodeError, PresetValidationError) as err:
+            raise ConfigError(f"{place}: not a LyCORIS preset file ({err})") from None
+    else:
+        raise ConfigError(f"{place}: not a built-in LyCORIS preset ({', '.join(PRESET)}) nor a .toml preset file")
+    if data.get("module_algo_map") or data.get("name_algo_map"):
+        raise ConfigError(f"{place}: per-module algorithms (module_algo_map/name_algo_map) are not supported; use a "
+                          "preset without them (e.g. full or attn-mlp)")
+    if data.get("target_module") or data.get("target_name"):
+        raise ConfigError(f"{place}: target_module/target_name are for non-kohya models; use "
+                          "unet_target_module/text_encoder_target_module")
+    return data
+
+
+# ----------------------------------------------------------------------------- module selection
+
+
+def lycoris_targets(model: nn.Module, part: str, preset: Mapping) -> list[tuple[str, nn.Module]]:
+    """``[(path, layer)]`` LyCORIS adapts in a model part for a preset, in its order
+    (``lycoris/kohya.py::LycorisNetworkKohya.__init__``: ``create_modules`` / ``create_modules_``)."""
+    kind = "unet" if part == "unet" else "text_encoder"
+    classes = set(preset.get(f"{kind}_target_module") or [])
+    patterns = list(preset.get(f"{kind}_target_name") or [])
+    excluded = list(preset.get("exclude_name") or [])
+    match: Callable = fnmatch.fnmatch if preset.get("use_fnmatch") else (lambda p, n: re.match(p, n) is not None)
+
+    def is_excluded(name: str) -> bool:
+        return bool(name) and (name in excluded or any(match(p, name) for p in excluded))
+
+    found: dict[str, nn.Module] = {}  # the same path twice is one module (LyCORIS 4.1.3 asserts instead)
+    for name, module in model.named_modules():
+        if is_excluded(name) or ADAPTER in name.split("."):
+            continue
+        cls = type(module).__name__
+        if (cls in classes or CLASS_ALIASES.get(cls) in classes) and not any(match(p, name) for p in patterns):
+            for path, child in module.named_modules(prefix=name):
+                if path != name and not is_excluded(path) and ADAPTER not in path.split(".") and _layer_kind(child):
+                    found.setdefault(path, child)
+        elif (name in patterns or any(match(p, name) for p in patterns)) and _layer_kind(module):
+            found.setdefault(name, module)
+    return list(found.items())
+
+
+def _layer_kind(module: nn.Module) -> str | None:
+    """``linear``, ``conv1x1``, ``conv`` or None (``create_single_module``: only the first kernel size counts)."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv1x1" if module.kernel_size[0] == 1 else "conv"
+    return None
+
+
+# ----------------------------------------------------------------------------- the plug-in
+
+
+class LycorisNetwork:
+    check_config = staticmethod(lambda config, where="config": check_network_args(config, where))
+    """kohya ``lycoris.kohya`` (LoHa, LoKr, LoCon; DoRA with ``dora_wd``) as a network plug-in
+    (:mod:`nbkit.networks.base`): the lycoris-lora package's modules in kohya's module set and names."""
+
+    module = "lycoris.kohya"
+
+    def __init__(self, config) -> None:
+        self.config = config
+        self.args = check_network_args(config)
+        self.models: dict[str, nn.Module] = {}
+        self.loras: dict[str, dict[str, nn.Module]] = {}  # part -> {stem: LyCORIS module}
+        self.continued: dict[str, str] = {}  # stem -> algo of a network_weights file
+
+    # ---- inject
+    def inject(self, models: Mapping[str, nn.Module]) -> None:
+        """The preset's modules with the config's ranks, or a LyCORIS file's modules and weights
+        (``network_weights``: training continues from it, at the file's ranks)."""
+        self.models = {part: m for part, m in models.items() if m is not None}
+        if self.config.network_weights:
+            self._load(self.config.network_weights)
+            return
+        trains = {"unet": self.config.train_unet, "text_encoder": self.config.train_text_encoder,
+                  "text_encoder_2": self.config.train_text_encoder}  # fmt: skip
+        preset = preset_targets(self.args.preset)
+        sdxl = "text_encoder_2" in self.models
+        if sdxl and trains["unet"] and "unet" in self.models:
+            raise ConfigError("network_module = lycoris.kohya on SDXL: kohya's LyCORIS picks and names SDXL U-Net "
+                              "modules on its SAI-layout U-Net (sdxl_original_unet.py: lora_unet_input_blocks_4_1_..., "
+                              "no conv_in/time_embedding), which nbkit does not map yet; train the text encoders only "
+                              "(network_train_text_encoder_only = true) or an SD1.x/SD2.x model")
+        # LyCORIS builds the text encoders' modules first, then the U-Net's (the init RNG order)
+        for part in ("text_encoder", "text_encoder_2", "unet"):
+            model = self.models.get(part)
+            if model is None or not trains[part]:
+                continue
+            made = {}
+            for path, layer in lycoris_targets(model, part, preset):
+                lora = self._make(lycoris_stem(part, path, sdxl=sdxl), layer, bool(preset.get("enable_conv", True)))
+                if lora is not None:
+                    made[lora.lora_name] = self._attach(lora, layer)
+            if made:  # a preset may leave a part out (unet-only): LyCORIS then adapts none of it either
+                self.loras[part] = made
+        if not self.loras:
+            raise ValueError(f"preset={self.args.preset}: no LyCORIS targets in {', '.join(self.models)}: pick another "
+                             "preset (full, attn-mlp, ...)")
+
+    def _make(self, stem: str, layer: nn.Module, enable_conv: bool):
+        """``create_single_module``: ranks by layer kind, then the algo's LyCORIS module class."""
+        import lycoris.modules as lycoris_modules
+
+        config, args = self.config, self.args
+        kind = _layer_kind(layer)
+        conv_dim = 0 if not enable_conv else (config.network_dim if args.conv_dim is None else args.conv_dim)
+        if kind in ("linear", "conv1x1"):
+            dim, alpha = config.network_dim, config.network_alpha
+        elif conv_dim > 0:
+            dim, alpha = conv_dim, config.network_alpha if args.conv_alpha is None else args.conv_alpha
+        else:
+            return None
+        cls = getattr(lycoris_modules, ALGOS[args.algo])
+        return cls(stem, layer, multiplier=1.0, lora_dim=dim, alpha=alpha, dropout=args.dropout,
+                   rank_dropout=args.rank_dropout, module_dropout=args.module_dropout, use_tucker=args.use_tucker,
+                   use_scalar=args.use_scalar, decompose_both=args.decompose_both, factor=args.factor,
+                   weight_decompose=args.dora_wd, wd_on_out=args.wd_on_output, full_matrix=args.full_matrix,
+                   bypass_mode=args.bypass_mode, rs_lora=args.rs_lora,
+                   unbalanced_factorization=args.unbalanced_factorization)  # fmt: skip
+
+    @staticmethod
+    def _attach(lora: nn.Module, layer: nn.Module) -> nn.Module:
+        """Patch the layer's forward (LyCORIS ``apply_to``) and register the module under it, in fp32 on its device."""
+        if hasattr(layer, ADAPTER):
+            raise ValueError(f"{lora.lora_name}: the layer already has a LyCORIS module: start from a fresh model")
+        if type(lora).__name__ == "LokrModule" and lora.rank_dropout and layer.weight.device.type != "cpu":
+            # lycoris/modules/lokr.py::LokrModule.get_weight draws the mask with torch.rand(n) on the CPU and
+            # multiplies the weight on the GPU by it (LoHa and LoCon draw it on the weight's device)
+            raise ConfigError("network_args: rank_dropout with a LoKr network: LyCORIS 4.1.3's LoKr builds its "
+                              "rank-dropout mask on the CPU, which fails on a GPU; remove rank_dropout or use algo=loha")
+        lora.to(device=layer.weight.device, dtype=torch.float32)
+        lora.apply_to()
+        layer.add_module(ADAPTER, lora)
+        return lora
+
+    def _load(self, path: str) -> None:
+        """kohya ``create_network_from_weights`` for LyCORIS: each module rebuilt from the file by its
+        class's ``make_module_from_state_dict`` (ranks, factors, tucker and DoRA read from the tensors)."""
+        import lycoris.modules as lycoris_modules
+        from safetensors.torch import load_file
+
+        if not str(path).endswith(".safetensors"):
+            raise ValueError(f"{path}: network_weights must be a LyCORIS/kohya .safetensors file")
+        state = load_file(str(path))
+        modules = group_lycoris(state, str(path))
+        for stem, module in modules.items():  # LyCORIS needs an alpha; kohya's rule: none means alpha = rank
+            state.setdefault(f"{stem}.alpha", torch.tensor(float(module.rank)))
+        names = {part: [n for n, _ in m.named_modules()] for part, m in self.models.items()}
+        names.update({p: None for p in ("unet", "text_encoder", "text_encoder_2") if p not in names})
+        where = resolve_stems(modules, names, str(path))
+        args = self.args
+        with torch.no_grad():
+            for stem, (part, module_path) in where.items():
+                layer = self.models[part].get_submodule(module_path)
+                lora = _module_from_file(lycoris_modules, stem, layer, modules[stem], state)
+                # the file fixes the shapes; the dropouts are the run's (kohya: network_args)
+                lora.rank_dropout, lora.module_dropout = args.rank_dropout, args.module_dropout
+                self.loras.setdefault(part, {})[stem] = self._attach(lora, layer)
+                self.continued[stem] = modules[stem].algo
+        algos = sorted(set(self.continued.values()))
+        wanted = "locon" if args.algo == "lora" else args.algo
+        if algos != [wanted]:
+            print(f"note: network_weights {path} holds {'/'.join(algos)} modules; training continues with them "
+                  f"(network_args algo={args.algo} is not used)")
+
+    # ---- the contract
+    def parameters(self, part: str) -> list[nn.Parameter]:
+        trains = {"unet": self.config.train_unet, "text_encoder": self.config.train_text_encoder,
+                  "text_encoder_2": self.config.train_text_encoder}  # fmt: skip
+        if not trains.get(part):
+            return []
+        return [p for lora in self.loras.get(part, {}).values() for p in lora.parameters()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every module's LyCORIS tensors (``custom_state_dict``: ``scalar`` folded in) under its kohya stem."""
+        out: dict[str, torch.Tensor] = {}
+        for loras in self.loras.values():
+            for stem, lora in loras.items():
+                for name, tensor in lora.custom_state_dict().items():
+                    out[f"{stem}.{name}"] = tensor.detach().clone().contiguous()
+        if not out:
+            raise ValueError("the LyCORIS network has no modules: was it injected?")
+        return out
+
+    def metadata(self, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, object]:
+        """kohya's ss_network_* for lycoris.kohya: the config's dim/alpha and the network_args as written
+        (``train_network.py``: ``ss_network_args = json.dumps(net_kwargs)``); continued from a file, the
+        ranks and alphas the modules have (``"Dynamic"`` when they differ) and the file's algo."""
+        config = self.config
+        written = dict(self.args.written)
+        dim, alpha = config.network_dim, config.network_alpha
+        if self.continued:
+            linear, conv = self._ranks()
+            dim, alpha = linear if linear[0] is not None else (dim, alpha)
+            if conv[0] is not None:
+                written.update(conv_dim=str(conv[0]), conv_alpha=str(conv[1]))
+            algos = set(self.continued.values())
+            if len(algos) == 1:
+                written["algo"] = algos.pop()
+        return {"network_module": self.module, "network_dim": dim, "network_alpha": alpha, "conv_dim": None,
+                "conv_alpha": None, "network_args": written}  # fmt: skip
+
+    def _ranks(self) -> tuple[tuple, tuple]:
+        """``((dim, alpha), (conv_dim, conv_alpha))`` of the modules: Linear/1x1 vs larger convs."""
+        groups: dict[bool, tuple[set, set]] = {False: (set(), set()), True: (set(), set())}
+        for loras in self.loras.values():
+            for lora in loras.values():
+                is_conv = _layer_kind(lora.org_module[0]) == "conv"
+                groups[is_conv][0].add(int(lora.lora_dim))
+                groups[is_conv][1].add(float(lora.alpha))
+
+        def one(values: set):
+            return next(iter(values)) if len(values) == 1 else "Dynamic"
+
+        return tuple((one(d), one(a)) if d else (None, None) for d, a in (groups[False], groups[True]))
+
+
+def _module_from_file(lycoris_modules, stem: str, layer: nn.Module, module, state: Mapping[str, torch.Tensor]):
+    """One LyCORIS module rebuilt from a file by its class's ``make_module_from_state_dict``, with two
+    cases LyCORIS 4.1.3 gets wrong done here: a DoRA scale is set after the build (its loader always
+    assumes ``wd_on_output=True``), and a tucker LoKr is built with its true rank (its loader reads the
+    rank from the wrong axis of ``lokr_w2_a``, which is ``[rank, b]`` there)."""
+    cls = getattr(lycoris_modules, ALGOS[module.algo])
+    params = list(cls.extract_state_dict(state, stem))
+    dora = params[-1]
+    params[-1] = None  # weight_list ends with dora_scale in every class
+    if module.algo == "lokr" and "lokr_t2" in module.tensors:
+        lora = _tucker_lokr(cls, stem, layer, module, float(params[-2]))
+    else:
+        lora = cls.make_module_from_state_dict(stem, layer, *params)
+    if dora is not None:
+        weight = layer.weight
+        lora.wd, lora.dora_norm_dims = True, weight.dim() - 1
+        lora.wd_on_out = dora.shape[0] == weight.shape[0] and math.prod(dora.shape[1:]) == 1
+        lora.dora_scale = nn.Parameter(dora.detach().clone().float())
+    return lora
+
+
+def _tucker_lokr(cls, stem: str, layer: nn.Module, module, alpha: float):
+    t = module.tensors
+    rank = int(t["lokr_t2"].shape[0])
+    w1 = t["lokr_w1"].shape if "lokr_w1" in t else (t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1])
+    for factor in dict.fromkeys((-1, *w1, *t["lokr_w2_a"].shape[1:], *t["lokr_w2_b"].shape[1:])):
+        lora = cls(stem, layer, 1, rank, alpha, use_tucker=True, decompose_both="lokr_w1" not in t, factor=factor)
+        ours = {k: v.shape for k, v in lora.custom_state_dict().items() if k in t}
+        if ours == {k: v.shape for k, v in t.items()}:
+            for name, tensor in t.items():
+                getattr(lora, name).copy_(tensor)
+            return lora
+    raise ValueError(f"{stem}: no LoKr factor rebuilds this tucker module's shapes "
+                     f"({', '.join(f'{k} {tuple(v.shape)}' for k, v in t.items())})")

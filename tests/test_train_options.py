@@ -145,3 +145,42 @@ def test_text_encoder_output_cache(tiny_model_dirs, images, tmp_path):
     with pytest.raises(ConfigError, match="shuffle_caption"):
         _train(model_dir, tmp_path / "d", images, subset={"shuffle_caption": True}, network_train_unet_only=True,
                cache_text_encoder_outputs=True)
+
+
+def test_networks_lora_reads_kohya_network_args(tiny_model_dirs, tmp_path):
+    """kohya networks/lora.py create_network kwargs written as network_args (conv_dim, conv_alpha,
+    rank_dropout, module_dropout) act as the options of the same name and land in ss_network_args;
+    an unknown or contradicting one is a message before any model loads."""
+    import json
+
+    from safetensors import safe_open
+
+    from nbkit.config import ConfigError
+    from nbkit.demo import make_sample_dataset
+    from nbkit.train.config import LoRATrainConfig
+    from nbkit.train.run_file import resolve_datasets
+
+    model_dir, _ = tiny_model_dirs("sd15")
+    images = make_sample_dataset(tmp_path / "imgs", size=64)
+    raw = {"datasets": [{"subsets": [{"image_dir": str(images), "caption_extension": ".txt"}]}]}
+    base = dict(pretrained_model_name_or_path=str(model_dir), output_dir=str(tmp_path / "out"), resolution=64,
+                max_train_steps=1, optimizer_type="AdamW", mixed_precision="no", gradient_checkpointing=False,
+                network_dim=2, network_alpha=1.0)
+    config = LoRATrainConfig(**base, network_args=["conv_dim=2", "conv_alpha=0.5", "module_dropout=0.1"]).checked()
+    path = train_lora(config, resolve_datasets(config, raw, tmp_path), device="cpu").lora_path
+    with safe_open(str(path), "pt") as f:
+        meta, keys = f.metadata(), list(f.keys())
+    assert json.loads(meta["ss_network_args"]) == {"conv_dim": "2", "conv_alpha": "0.5", "module_dropout": "0.1"}
+    conv = [k for k in keys if "resnets" in k and "conv1" in k and k.endswith("lora_down.weight")]
+    assert conv, "conv_dim from network_args made no LoCon modules"
+    with safe_open(str(path), "pt") as f:
+        assert f.get_tensor(conv[0].replace("lora_down.weight", "alpha")).item() == 0.5
+    for args, match in ((["block_dims=2,2"], "block_dims is not an option"), (["conv_dim=two"], "not a number"),
+                        (["conv_dim"], "not key=value")):
+        with pytest.raises(ConfigError, match=match):
+            LoRATrainConfig(**base, network_args=args).checked()
+    with pytest.raises(ConfigError, match="keep one"):
+        LoRATrainConfig(**base, conv_dim=4, network_args=["conv_dim=2"]).checked()
+    with pytest.raises(ConfigError, match="block_dims"):  # a direct call is checked too, before the model loads
+        train_lora(LoRATrainConfig(**dict(base, pretrained_model_name_or_path="/nonexistent"),
+                                   network_args=["block_dims=2"]), [], device="cpu")

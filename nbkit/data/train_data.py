@@ -217,3 +217,37 @@ def caption_options(sub: SubsetSpec) -> CaptionOptions:
 
 def batch_captions(items: list[Item], batch: list[tuple[int, bool]], rng: random.Random, state: CaptionState) -> list[str]:
     return [process_caption(items[idx].caption, caption_options(items[idx].subset), rng, state) for idx, _ in batch]
+
+
+# ----------------------------------------------------------------------------- SDXL size conditioning
+def kohya_crop_ltrb(bucket_reso: tuple[int, int], image_size: tuple[int, int]) -> tuple[float, float, float, float]:
+    """kohya ``library/train_util.py::BucketManager.get_crop_ltrb`` (bucket and image as (width, height)):
+    the crop box SDXL is told about, as Stability AI's preprocessing computes it. kohya uses it for
+    centre and random crops alike (``trim_and_resize_if_required`` returns it whatever the crop)."""
+    bucket_ar = bucket_reso[0] / bucket_reso[1]
+    image_ar = image_size[0] / image_size[1]
+    if bucket_ar > image_ar:
+        resized_width, resized_height = bucket_reso[1] * image_ar, bucket_reso[1]
+    else:
+        resized_width, resized_height = bucket_reso[0], bucket_reso[0] / image_ar
+    crop_left = (bucket_reso[0] - resized_width) // 2
+    crop_top = (bucket_reso[1] - resized_height) // 2
+    return crop_left, crop_top, crop_left + resized_width, crop_top + resized_height
+
+
+def sdxl_time_ids(item: Item, flipped: bool) -> tuple[int, int, int, int, int, int]:
+    """SDXL's size/crop conditioning of one sample as kohya computes it (``train_util.py``,
+    ``BaseDataset.__getitem__``): (original h, original w, crop top, crop left, target h, target w),
+    the original size being the image's before resizing, the target size the bucket; a flipped
+    sample's crop left is ``target width - crop right``. Without buckets kohya records the cropped
+    image as the original and no crop. The order of diffusers' ``add_time_ids``
+    and of kohya ``sdxl_train_util.get_size_embeddings(orig, crop, target)``."""
+    target_w, target_h = item.bucket.reso
+    if item.dataset.enable_bucket:
+        width, height = item.size
+        left, top, right, _ = kohya_crop_ltrb(item.bucket.reso, item.size)
+    else:  # kohya without buckets: the cropped image is the "original", crop_ltrb = (0, 0, 0, 0)
+        (width, height), (left, top, right) = item.bucket.reso, (0, 0, 0)
+    if flipped:
+        left = target_w - right
+    return int(height), int(width), int(top), int(left), int(target_h), int(target_w)

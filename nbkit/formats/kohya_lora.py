@@ -21,6 +21,7 @@ from typing import BinaryIO
 import torch
 
 from nbkit.formats.kohya_metadata import LoraTrainingInfo, build_metadata
+from nbkit.formats.lycoris import check_lycoris_state_dict, is_lycoris_state_dict
 
 __all__ = [
     "LoraTrainingInfo",
@@ -137,7 +138,7 @@ def check_kohya_state_dict(sd: Mapping[str, torch.Tensor]) -> None:
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sd.items():
         stem, _, part = key.partition(".")
-        if not stem.startswith((UNET_PREFIX, TE_PREFIX)) or part not in PARTS:
+        if not stem.startswith((UNET_PREFIX, TE_PREFIX, "lora_te1_", "lora_te2_")) or part not in PARTS:  # te1/te2: SDXL
             problems.append(f"{key}: not lora_unet_*/lora_te_* + .lora_down.weight/.lora_up.weight/.alpha")
             continue
         groups.setdefault(stem, {})[part] = tensor
@@ -156,7 +157,8 @@ def check_kohya_state_dict(sd: Mapping[str, torch.Tensor]) -> None:
         problems.append("no LoRA modules at all")
     if problems:
         more = f" (and {len(problems) - 8} more)" if len(problems) > 8 else ""
-        raise ValueError("not a valid kohya LoRA state dict: " + "; ".join(problems[:8]) + more)
+        hint = " (a LyCORIS state dict: nbkit.formats.lycoris checks those)" if is_lycoris_state_dict(sd) else ""
+        raise ValueError("not a valid kohya LoRA state dict" + hint + ": " + "; ".join(problems[:8]) + more)
 
 
 def _group_kohya(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:
@@ -168,11 +170,17 @@ def _group_kohya(sd: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[
             groups.setdefault(stem, {})[part] = tensor
         else:
             unknown.append(key)
+    if unknown and is_lycoris_state_dict(sd):
+        raise ValueError(
+            f"{source}: a LyCORIS file (LoHa/LoKr/tucker LoCon/DoRA keys, e.g. {unknown[:3]}), not a networks.lora "
+            "LoRA: read it with nbkit.formats.lycoris, train on from it with network_module = \"lycoris.kohya\", "
+            "merge it with `nbkit merge lora-into`"
+        )
     if unknown:
         raise ValueError(
             f"{source}: {len(unknown)} keys are not SD1/SD2 kohya LoRA keys, e.g. {unknown[:5]}. Only "
             "lora_unet_*/lora_te_* with .lora_down.weight/.lora_up.weight/.alpha load here; SDXL "
-            "(lora_te1_/lora_te2_), LyCORIS (hada_/lokr_/lora_mid) and DoRA (dora_scale) files do not."
+            "(lora_te1_/lora_te2_) files do not."
         )
     broken = [s for s, p in groups.items() if not {"lora_down.weight", "lora_up.weight"} <= set(p)]
     if broken:
@@ -315,14 +323,21 @@ def save_kohya_lora(
     metadata: Mapping[str, str] | None = None,
     save_dtype: torch.dtype | str = "fp16",
 ) -> Path:
-    """Write a kohya LoRA atomically: every tensor (alpha too) cast to ``save_dtype``, plus ``sshs_*`` hashes."""
+    """Write a kohya LoRA atomically: every tensor (alpha too) cast to ``save_dtype``, plus ``sshs_*`` hashes.
+
+    A LyCORIS state dict (``lycoris.kohya``: LoHa, LoKr, DoRA, ...) is checked by its own rules
+    (:func:`nbkit.formats.lycoris.check_lycoris_state_dict`) and written the same way.
+    """
     from nbkit.io import save_safetensors_atomic
 
     if not str(path).endswith(".safetensors"):
         raise ValueError(
             f"{path}: kohya LoRA files must be .safetensors (A1111 reads .pt LoRAs only via its unpickler)"
         )
-    check_kohya_state_dict(state_dict)
+    if is_lycoris_state_dict(state_dict):  # a lycoris.kohya network (LoHa, LoKr, ...): LyCORIS's own rules
+        check_lycoris_state_dict(state_dict)
+    else:
+        check_kohya_state_dict(state_dict)
     dtype = _as_dtype(save_dtype)
     tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous() for k, v in state_dict.items()}
     meta = dict(metadata or {})

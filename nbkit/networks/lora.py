@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 import torch
 from torch import nn
 
+from nbkit.errors import ConfigError
+
 UNET_TARGET_REPLACE_MODULE = ("Transformer2DModel",)
 UNET_TARGET_REPLACE_MODULE_CONV2D_3X3 = ("ResnetBlock2D", "Downsample2D", "Upsample2D")
 # transformers <4.48 had CLIPSdpaAttention/CLIPFlashAttention2; 5.x has only CLIPAttention.
@@ -241,6 +243,25 @@ def export_kohya_state_dict(
     return peft_to_kohya(sds["unet"] or {}, sds["text_encoder"], alphas=alphas)
 
 
+def export_kohya_sdxl_state_dict(models: Mapping[str, nn.Module | None], *, adapter_name: str = "default"):
+    """The adapter of an SDXL U-Net and its two text encoders as a kohya SDXL state dict
+    (``lora_unet_<SGM path>``, ``lora_te1_``, ``lora_te2_``: :mod:`nbkit.formats.kohya_sdxl`)."""
+    from peft import get_peft_model_state_dict
+
+    from nbkit.formats.kohya_sdxl import peft_to_kohya_sdxl
+
+    sds: dict[str, dict[str, torch.Tensor]] = {}
+    alphas: dict[str, float] = {}
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        model = models.get(part)
+        if has_adapter(model, adapter_name):
+            sds[part] = get_peft_model_state_dict(model, adapter_name=adapter_name)
+            alphas.update({f"{part}.{k}": v for k, v in lora_alphas(model, adapter_name).items()})
+    if not sds:
+        raise ValueError(f"no SDXL model has a LoRA adapter named {adapter_name!r}")
+    return peft_to_kohya_sdxl(sds, alphas=alphas, unet_config=dict(models["unet"].config))
+
+
 def _fit(tensor: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
     """Match a file tensor to the peft weight shape (1x1 conv <-> linear, as A1111/ComfyUI allow)."""
     if tensor.shape == shape:
@@ -300,14 +321,43 @@ def load_kohya_lora(
     return result
 
 
+#: the ``network_args`` of kohya ``networks/lora.py::create_network`` that nbkit implements, with their
+#: nbkit option of the same meaning
+LORA_NETWORK_ARGS = {"conv_dim": int, "conv_alpha": float, "rank_dropout": float, "module_dropout": float}
+
+
+def lora_options(config, where="config") -> dict[str, object]:
+    """conv_dim, conv_alpha, rank_dropout, module_dropout: the config's fields, or the same options
+    written kohya's way in ``network_args`` (``["conv_dim=4", "conv_alpha=1"]``); both must agree."""
+    from nbkit.networks.base import split_network_args
+
+    place = where("network_args") if callable(where) else where
+    options = {name: getattr(config, name) for name in LORA_NETWORK_ARGS}
+    for key, text in split_network_args(getattr(config, "network_args", None), where).items():
+        if key not in LORA_NETWORK_ARGS:
+            known = ", ".join(LORA_NETWORK_ARGS)
+            raise ConfigError(f"{place}: {key} is not an option of networks.lora that nbkit implements ({known}): "
+                              "remove it, or use network_module = \"lycoris.kohya\" for LyCORIS options")
+        try:
+            value = LORA_NETWORK_ARGS[key](text)
+        except ValueError:
+            raise ConfigError(f"{place}: {key}={text} is not a number: write e.g. {key}=4") from None
+        if options[key] is not None and options[key] != value:
+            raise ConfigError(f"{place}: {key}={text} but {key} = {options[key]}: keep one of them")
+        options[key] = value
+    return options
+
+
 class LoRANetwork:
     """kohya ``networks.lora`` (LoRA, and LoCon with ``conv_dim``) as a network plug-in
     (:mod:`nbkit.networks.base`): peft adapters in kohya's module set, kohya's dropouts, kohya files."""
 
     module = "networks.lora"
+    check_config = staticmethod(lora_options)
 
     def __init__(self, config) -> None:
         self.config = config
+        self.options = lora_options(config)
         self.models: dict[str, nn.Module] = {}
 
     def inject(self, models: Mapping[str, nn.Module]) -> None:
@@ -318,6 +368,10 @@ class LoRANetwork:
         config = self.config
         self.models = dict(models)
         unet, text_encoder = models.get("unet"), models.get("text_encoder")
+        text_encoder_2 = models.get("text_encoder_2")  # SDXL's OpenCLIP bigG
+        if config.network_weights and text_encoder_2 is not None:
+            raise ConfigError(f"network_weights = {config.network_weights}: continuing from an SDXL LoRA file is "
+                              "not supported yet: start a new LoRA (unset network_weights)")
         if config.network_weights:  # continue from a kohya file: its ranks and alphas win
             load_kohya_lora(config.network_weights, unet, text_encoder)
             note = network_weights_note(config)
@@ -326,19 +380,32 @@ class LoRANetwork:
         else:
             inject_lora(unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
                         train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
-                        conv_dim=config.conv_dim, conv_alpha=config.conv_alpha)
-        for model in (unet, text_encoder):
-            add_lora_dropouts(model, network_dropout=config.network_dropout, rank_dropout=config.rank_dropout,
-                              module_dropout=config.module_dropout)
+                        conv_dim=self.options["conv_dim"], conv_alpha=self.options["conv_alpha"])
+        if text_encoder_2 is not None and config.train_text_encoder:
+            # kohya networks/lora.py (is_sdxl): both text encoders get TEXT_ENCODER_TARGET_REPLACE_MODULE
+            # with network_dim/network_alpha (prefixes lora_te1_/lora_te2_)
+            alpha = _kohya_alpha(config.network_alpha, config.network_dim)
+            targets = _walk_targets(text_encoder_2, "text_encoder", None)
+            inject_lora_modules(text_encoder_2, {p: (config.network_dim, alpha) for p, _ in targets})
+        elif text_encoder_2 is not None:
+            text_encoder_2.requires_grad_(False)
+        for model in (unet, text_encoder, text_encoder_2):
+            if model is None:
+                continue
+            add_lora_dropouts(model, network_dropout=config.network_dropout, rank_dropout=self.options["rank_dropout"],
+                              module_dropout=self.options["module_dropout"])
 
     def parameters(self, part: str) -> list[nn.Parameter]:
-        trains = {"unet": self.config.train_unet, "text_encoder": self.config.train_text_encoder}
+        trains = {"unet": self.config.train_unet, "text_encoder": self.config.train_text_encoder,
+                  "text_encoder_2": self.config.train_text_encoder}
         model = self.models.get(part)
         if not trains.get(part) or model is None:
             return []
         return [p for n, p in model.named_parameters() if {"lora_A", "lora_B"} & set(n.split("."))]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
+        if "text_encoder_2" in self.models:
+            return export_kohya_sdxl_state_dict(self.models)
         return export_kohya_state_dict(self.models.get("unet"), self.models.get("text_encoder"))
 
     def metadata(self, state: Mapping[str, torch.Tensor] | None = None) -> dict[str, object]:
@@ -347,14 +414,16 @@ class LoRANetwork:
         from nbkit.formats.kohya_metadata import network_shape
 
         config = self.config
+        args = {k: v for k, v in self.options.items() if k.endswith("dropout") and v is not None}
         if not config.network_weights:
-            return {"network_module": self.module, "network_dim": config.network_dim,
-                    "network_alpha": config.network_alpha, "conv_dim": config.conv_dim, "conv_alpha": config.conv_alpha}
+            return {"network_module": self.module, "network_dim": config.network_dim, "network_args": args,
+                    "network_alpha": config.network_alpha, "conv_dim": self.options["conv_dim"],
+                    "conv_alpha": self.options["conv_alpha"]}
         state = self.state_dict() if state is None else state
         shape = network_shape({k: tuple(v.shape) for k, v in state.items() if k.endswith(".lora_down.weight")},
                               {k: v.float().item() for k, v in state.items() if k.endswith(".alpha")})
         return {"network_module": self.module, "network_dim": shape.network_dim, "network_alpha": shape.network_alpha,
-                "conv_dim": shape.conv_dim, "conv_alpha": shape.conv_alpha}
+                "conv_dim": shape.conv_dim, "conv_alpha": shape.conv_alpha, "network_args": args}
 
 
 def network_weights_note(config) -> str | None:

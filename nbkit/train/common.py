@@ -80,7 +80,7 @@ def weighting_options(config, v_parameterization: bool) -> dict:
 def diffusion_loss(unet, noise_scheduler, x0, cond, weight_dtype, config, v_parameterization: bool,
                    prior_weights=None, mask=None, timesteps=None, noise=None, generator=None):
     """The SD objective in kohya's order: noise (offset, pyramid), timesteps, input perturbation,
-    prediction, target (noise or v), element loss (l2/l1/huber), alpha mask, per-sample mean,
+    prediction (``cond``: a context tensor, or an object with ``unet_kwargs(dtype)``), target (noise or v), element loss (l2/l1/huber), alpha mask, per-sample mean,
     prior weights, SNR-based weights, batch mean."""
     from nbkit.train.noise import compute_loss, huber_c_for, loss_target, make_noise, noisy_latents, sample_timesteps
 
@@ -92,7 +92,10 @@ def diffusion_loss(unet, noise_scheduler, x0, cond, weight_dtype, config, v_para
                                      device=x0.device, generator=generator)  # fmt: skip
     noisy = noisy_latents(noise_scheduler, x0, noise, timesteps, config.ip_noise_gamma,
                           config.ip_noise_gamma_random_strength, generator=generator)  # fmt: skip
-    pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+    if isinstance(cond, torch.Tensor):  # SD1/SD2: the cross-attention context
+        pred = unet(noisy.to(weight_dtype), timesteps, cond.to(weight_dtype)).sample
+    else:  # a conditioning object (SDXL: context plus added_cond_kwargs, nbkit.train.architectures.SDXLCond)
+        pred = unet(noisy.to(weight_dtype), timesteps, **cond.unet_kwargs(weight_dtype)).sample
     target = loss_target(noise_scheduler, x0, noise, timesteps, v_parameterization)
     huber_c = huber_c_for(timesteps, noise_scheduler, config.huber_schedule, config.huber_c, config.huber_scale)
     return compute_loss(pred, target, timesteps, noise_scheduler, loss_type=config.loss_type, huber_c=huber_c,
@@ -121,6 +124,7 @@ def validation_loss(run, unet, encode, latents=None) -> float:
     for index, item in enumerate(run.validation):
         x0, mask = latents.batch([(len(run.items) + index, False)], None)
         cond = encode([process_caption(item.caption, CaptionOptions(), None)])  # raw caption, first line
+        cond = run.arch.for_batch(cond, run.items + run.validation, [(len(run.items) + index, False)])
         for t in (100, 300, 500, 700, 900):
             noise = torch.randn(x0.shape, generator=generator).to(run.device)
             timesteps = torch.tensor([t], device=run.device)

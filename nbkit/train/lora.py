@@ -39,8 +39,15 @@ class TrainResult:
 
 
 class LoRAMethod(Method):
-    fingerprint_keys = Method.fingerprint_keys + ("network_dim",)
+    fingerprint_keys = Method.fingerprint_keys + ("network_module", "network_args", "network_dim")
+
+    def check(self, datasets: list) -> list:
+        from nbkit.networks.base import check_network_config
+
+        check_network_config(self.config)  # network_args: a mistake is a message before the model loads
+        return datasets
     nan_advice = "keep mixed_precision=fp16 with fp32 LoRA weights, or check the dataset"
+    text_encoder_2 = None  # SDXL's second text encoder (set by ``load``)
 
     def load(self, run, pipeline, model_info) -> None:
         """Freeze the base, move it, inject (or load) the network; its weights train in fp32."""
@@ -48,16 +55,21 @@ class LoRAMethod(Method):
 
         config = self.config
         run.pipeline, run.info = load_base(config, pipeline, model_info, run.weight_dtype, run.device)
-        run.arch = conditioning_for(run.pipeline, run.info, config, run.device)
+        run.arch = conditioning_for(run.pipeline, run.info, config, run.device, sdxl=True)
         self.unet, self.text_encoder, vae = run.pipeline.unet, run.pipeline.text_encoder, run.pipeline.vae
-        for model in (self.unet, self.text_encoder, vae):
+        self.text_encoder_2 = run.arch.text_encoders().get("text_encoder_2")  # SDXL's second text encoder
+        frozen = [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+        for model in (*frozen, vae):
             model.requires_grad_(False)
         # The VAE encodes in fp32 (fp16 SD VAEs overflow to NaN); frozen U-Net/TE weights in weight_dtype.
-        place(((vae, torch.float32), (self.unet, run.weight_dtype), (self.text_encoder, run.weight_dtype)), run.device)
+        place(((vae, torch.float32), *((m, run.weight_dtype) for m in frozen)), run.device)
         self.network = make_network(config)
         self.network.inject({"unet": self.unet, **run.arch.text_encoders()})
-        self.unet_params, self.te_params = self.network.parameters("unet"), self.network.parameters("text_encoder")
-        for model in (self.unet, self.text_encoder):
+        # kohya networks/lora.py: one text-encoder group (text_encoder_lr) for te1 and te2 alike
+        # (its SDXL LoRANetwork has no prepare_optimizer_params_with_multiple_te_lrs)
+        self.unet_params = self.network.parameters("unet")
+        self.te_params = self.network.parameters("text_encoder") + self.network.parameters("text_encoder_2")
+        for model in frozen:
             model.requires_grad_(False)
         for p in self.unet_params + self.te_params:
             p.data = p.data.float()  # fp32 master weights: GradScaler refuses fp16 trainables
@@ -65,8 +77,20 @@ class LoRAMethod(Method):
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
             if self.te_params:
-                enable_te_checkpointing(self.text_encoder)
+                for model in frozen[1:]:
+                    enable_te_checkpointing(model)
         set_attention(config, self.unet)
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        state = super().trainable_state()
+        if self.text_encoder_2 is not None:
+            state.update({f"text_encoder_2.{n}": p for n, p in self.text_encoder_2.named_parameters() if p.requires_grad})
+        return state
+
+    def train_mode(self, run) -> None:
+        super().train_mode(run)
+        if self.text_encoder_2 is not None:
+            self.text_encoder_2.train(bool(self.te_params))
 
     def prepare_data(self, run) -> None:
         super().prepare_data(run)

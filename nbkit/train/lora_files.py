@@ -16,7 +16,7 @@ def shared_fields(config) -> list[str]:
     ``ss_<name>``): derived from the two dataclasses, so a new option of either is not missed."""
     from nbkit.formats.kohya_metadata import LoraTrainingInfo
 
-    options = {f.name for f in fields(config)}
+    options = {f.name for f in fields(config)} - {"network_args"}  # the network says its args (parsed)
     return [f.name for f in fields(LoraTrainingInfo) if f.name in options]
 
 

@@ -114,6 +114,7 @@ class Method:
         else:
             with torch.set_grad_enabled(self.text_trains(step)):
                 cond = run.arch.encode(batch_captions(run.items, batch, run.rng, run.caption_state))
+        cond = run.arch.for_batch(cond, run.items, batch)  # SDXL: each image's size/crop time ids
         with run.accelerator.autocast():
             return run.diffusion_loss(self.unet, x0, cond, run.prior_weights(batch), mask)
 

@@ -236,7 +236,7 @@ def test_every_real_size_lora_module_maps_to_a_checkpoint_key(arch):
     from nbkit.merge.sources import read_config
     from nbkit.merge.streaming import TensorSpec
     from nbkit.models.config_dirs import CONFIGS_ROOT, SHIPPED_CONFIGS
-    from nbkit.models.load import expected_shapes
+    from nbkit.models.single_file import expected_shapes
     from nbkit.networks.lora import kohya_lora_targets
 
     folder = CONFIGS_ROOT / SHIPPED_CONFIGS[arch]

@@ -3,7 +3,6 @@ diffusers loads to the same model nbkit trained (CPU, tiny SDXL built here, noth
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
 from pathlib import Path

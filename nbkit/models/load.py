@@ -28,17 +28,11 @@ from typing import Any
 import torch
 
 from nbkit.config import ConfigError
-from nbkit.formats.checkpoint_io import read_checked_header, read_single_file
 from nbkit.formats.ldm_checkpoint import CONFIG_METADATA_KEY, SD1_TE_PREFIX, SD2_TE_PREFIX, UNET_PREFIX
 from nbkit.formats.sgm_checkpoint import (
     TE1_PREFIX,
     V_PRED_KEY,
     ZTSNR_KEY,
-    KeyPair,
-    diffusers_to_sgm,
-    key_pairs,
-    sd_key_pairs,
-    sgm_to_diffusers,
 )
 from nbkit.models.config_dirs import config_dir_from_payload, shipped_config_dir
 from nbkit.models.download import (
@@ -49,15 +43,23 @@ from nbkit.models.download import (
     hub_snapshot,
     is_url,
 )
+from nbkit.models.single_file import (
+    FIRST_CONV,
+    ModelNotFoundError,
+    assemble_pipeline,
+    check_shapes,
+    check_text_to_image,
+    expected_file_shapes,
+    file_key_pairs,
+    folder_in_channels,
+    meta_components,
+    read_file,
+    stream_from,
+)
 
 logger = logging.getLogger(__name__)
 
 SD2_BASE_GLOBAL_STEP = "875000"  # global_step of Stability's 512-base-ema.ckpt (SD2.0-base, epsilon)
-
-
-class ModelNotFoundError(ConfigError, FileNotFoundError):
-    """The base model named by the user is not there: a message for ``nbkit`` (a ConfigError) that
-    callers catching ``FileNotFoundError`` still catch."""
 
 
 @dataclass
@@ -176,193 +178,6 @@ def _pipeline_is_v2(pipe: Any) -> bool:
     return int(pipe.unet.config.cross_attention_dim) == 1024
 
 
-# ----------------------------------------------------------------------------- U-Net input check
-
-FIRST_CONV = UNET_PREFIX + "input_blocks.0.0.weight"
-_UNET_KINDS = {9: "an inpainting model", 8: "an instruct-pix2pix model"}
-
-
-def check_text_to_image(in_channels: int | None, path: str | Path) -> None:
-    """Refuse a U-Net that does not take the 4 latent channels of a text-to-image model: inpainting
-    (9 = latents + masked-image latents + mask) and instruct-pix2pix (8) models cannot be trained or
-    sampled as text-to-image models. Read from the header or config, before anything is built."""
-    if in_channels is None or in_channels == 4:
-        return
-    kind = _UNET_KINDS.get(in_channels, "not a text-to-image model")
-    raise ConfigError(
-        f"{path}: {kind} ({in_channels} input channels in the U-Net's first convolution; a text-to-image model "
-        "has 4): inpainting and instruct-pix2pix models aren't supported for training or previews; use the base "
-        "model it was made from (e.g. stable-diffusion-v1-5/stable-diffusion-v1-5 instead of "
-        "stable-diffusion-v1-5/stable-diffusion-inpainting); a LoRA trained on the base model also works with its "
-        "inpainting version"
-    )
-
-
-def _folder_in_channels(folder: Path) -> int | None:
-    config = folder / "unet" / "config.json"
-    try:
-        return int(json.loads(config.read_text()).get("in_channels", 4))
-    except (OSError, ValueError, TypeError, AttributeError):
-        return None  # diffusers reports a missing or broken config itself
-
-
-# ----------------------------------------------------------------------------- shape check
-
-
-def expected_shapes(config_dir: str | Path, v2: bool) -> dict[str, tuple[int, ...]]:
-    """Original-layout key -> shape predicted from an SD1/SD2 diffusers config folder (built on meta)."""
-    folder = Path(config_dir)
-    components = _meta_components(folder, sdxl=False)
-    return _expected_file_shapes(_key_pairs(components, v2, folder), components)
-
-
-def _squeezed(shape: tuple[int, ...]) -> tuple[int, ...]:
-    while len(shape) > 2 and shape[-1] == 1:
-        shape = shape[:-1]
-    return shape
-
-
-def check_shapes(
-    path: str | Path, shapes: dict[str, tuple[int, ...]], expected: dict[str, tuple[int, ...]], config_dir: Path, how: str
-) -> None:
-    """Raise a clear error if the file's tensors do not fit the config the modules are built from."""
-    wrong, missing = [], []
-    for key, shape in expected.items():
-        found = shapes.get(key)
-        if found is None:
-            missing.append(key)
-        elif found != shape and not (".mid.attn_1." in key and _squeezed(found) == _squeezed(shape)):
-            wrong.append(f"{key}: file {found} vs config {shape}")
-    if not wrong and not missing:
-        return
-    problems = []
-    if wrong:
-        problems.append(f"{len(wrong)} tensor shape(s) differ, e.g. {'; '.join(wrong[:3])}")
-    if missing:
-        problems.append(f"{len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}")
-    raise ConfigError(
-        f"{path} does not fit the {how} config {config_dir}: {' and '.join(problems)}. "
-        "Pass config_dir=<a diffusers model folder with matching unet/vae/text_encoder configs> "
-        "(e.g. the diffusers version of the model it was fine-tuned from)"
-    )
-
-
-# ----------------------------------------------------------------------------- single files, streamed
-
-
-def _meta_components(folder: Path, sdxl: bool) -> dict[str, torch.nn.Module]:
-    """The U-Net, VAE and text encoder(s) of a config folder, parameters on the meta device (no memory);
-    buffers (CLIP's non-persistent ``position_ids``) are real, as ``from_pretrained`` makes them."""
-    from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    with init_empty_weights():
-        out = {
-            "unet": UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet")),
-            "vae": AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae")),
-            "text_encoder": CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
-        }
-        if sdxl:
-            te2_config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
-            out["text_encoder_2"] = CLIPTextModelWithProjection(te2_config)
-    return out
-
-
-def _key_pairs(components: dict, v2: bool, folder: Path) -> list[KeyPair]:
-    keys = {name: list(module.state_dict()) for name, module in components.items()}
-    unet, vae = components["unet"].config, components["vae"].config
-    try:
-        if "text_encoder_2" in components:
-            return key_pairs(keys, unet, vae)
-        return sd_key_pairs(keys, unet, vae, v2=v2)
-    except KeyError as e:
-        raise ConfigError(f"config {folder}: its modules have no single-file layout: {e.args[0]}") from None
-
-
-def _expected_file_shapes(pairs: list[KeyPair], components: dict) -> dict[str, tuple[int, ...]]:
-    states = {name: module.state_dict() for name, module in components.items()}
-    return {p.file_key: tuple(diffusers_to_sgm(p, [states[p.component][k] for k in p.keys]).shape) for p in pairs}
-
-
-def _assign(module: torch.nn.Module, key: str, value: torch.Tensor, dtype: torch.dtype, device) -> None:
-    """Put one tensor into ``module`` in ``dtype`` on ``device``, replacing its meta placeholder. A CPU tensor
-    that already has the dtype is not copied: it stays memory-mapped file pages (as diffusers' loader leaves
-    them), which the kernel can drop and read again, until it moves to the GPU."""
-    owner_name, _, leaf = key.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    new = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
-    if not new.is_contiguous():
-        new = new.contiguous()
-    if leaf in owner._parameters:
-        old = owner._parameters[leaf]
-        owner._parameters[leaf] = torch.nn.Parameter(new, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[leaf] = new
-
-
-def _stream_weights(path: Path, pairs: list[KeyPair], components: dict, order, get_tensor, dtype, device) -> None:
-    """Fill the meta modules with the file's tensors, read one at a time in ``order`` with ``get_tensor``."""
-    by_key = {p.file_key: p for p in pairs}
-    for file_key in order:
-        pair = by_key.get(file_key)
-        if pair is None:  # position_ids, logit_scale, markers, EMA copies, SD2's 24th layer...
-            continue
-        module = components[pair.component]
-        for key, value in zip(pair.keys, sgm_to_diffusers(pair, get_tensor(file_key)), strict=True):
-            _assign(module, key, value, dtype, device)
-    for name, module in components.items():
-        left = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
-        if left:
-            raise ConfigError(f"{path}: {name} weights missing from the file (e.g. {left[:3]}); is it a full checkpoint?")
-        module.to(device).eval()  # buffers built on the CPU follow; eval() as from_pretrained returns them
-
-
-def _assemble(folder: Path, components: dict):
-    """A pipeline around the loaded modules, with the folder's scheduler and tokenizer(s)."""
-    import diffusers
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-    from transformers import CLIPTokenizer
-
-    index = json.loads((folder / "model_index.json").read_text())
-    scheduler_cls = getattr(diffusers, str((index.get("scheduler") or [None, ""])[1]), None)
-    if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, SchedulerMixin)):
-        raise ConfigError(f"{folder}/model_index.json: {index.get('scheduler')!r} is not a diffusers scheduler")
-    scheduler = scheduler_cls.from_pretrained(str(folder), subfolder="scheduler", local_files_only=True)
-    tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tokenizer"), local_files_only=True)
-    if "text_encoder_2" in components:
-        tokenizer_2 = CLIPTokenizer.from_pretrained(str(folder / "tokenizer_2"), local_files_only=True)
-        zeros = bool(index.get("force_zeros_for_empty_prompt", True))
-        return StableDiffusionXLPipeline(**components, tokenizer=tokenizer, tokenizer_2=tokenizer_2, scheduler=scheduler,
-                                         force_zeros_for_empty_prompt=zeros, add_watermarker=False)  # fmt: skip
-    return StableDiffusionPipeline(**components, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)  # fmt: skip
-
-
-def _read_file(path: Path) -> tuple[dict, dict, list[str], dict | None]:
-    """``(key -> shape, metadata, keys in file order, state)``. A ``.safetensors`` header is checked against the
-    file (no tensor read; ``state`` is None); a ``.ckpt`` is unpickled once, weights only, into ``state``."""
-    if path.suffix.lower() == ".safetensors":
-        if not path.is_file():
-            raise ModelNotFoundError(f"{path}: no such checkpoint file")
-        header, meta = read_checked_header(path)
-        order = sorted(header, key=lambda k: header[k]["data_offsets"][0])  # sequential reads
-        return {k: tuple(v["shape"]) for k, v in header.items()}, meta, order, None
-    state, meta = read_single_file(path)
-    return {k: tuple(v.shape) for k, v in state.items()}, meta, list(state), state
-
-
-def _stream_from(path: Path, order: list[str], state: dict | None, pairs, components, dtype, device) -> None:
-    if state is not None:  # an unpickled .ckpt, already in memory (memory-mapped when a zip)
-        _stream_weights(path, pairs, components, order, state.__getitem__, dtype, device)
-        return
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt", device="cpu") as f:  # the memory map; nothing read yet
-        _stream_weights(path, pairs, components, order, f.get_tensor, dtype, device)
-
-
 # ----------------------------------------------------------------------------- loaders
 
 
@@ -409,7 +224,7 @@ def _load_folder(folder: Path, v2, v_param, ztsnr, torch_dtype, device, info: di
             f"{folder}: a folder without model_index.json is not a diffusers model; pass a diffusers "
             "model folder or a single .safetensors/.ckpt file"
         )
-    check_text_to_image(_folder_in_channels(folder), folder)
+    check_text_to_image(folder_in_channels(folder), folder)
     sdxl = _folder_is_sdxl(folder)
     cls = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     pipe = cls.from_pretrained(str(folder), **_pipeline_kwargs(torch_dtype, sdxl))
@@ -476,7 +291,7 @@ def _sdxl_prediction(shapes: dict, meta: dict, folder: Path | None, notes: list[
 
 
 def _load_single_file(path: Path, v2, v_param, ztsnr, config_dir, torch_dtype, device, cache_dir, info: dict):
-    shapes, meta, order, state = _read_file(path)
+    shapes, meta, order, state = read_file(path)
     first_conv = shapes.get(FIRST_CONV)
     if first_conv is not None and len(first_conv) == 4:
         check_text_to_image(first_conv[1], path)
@@ -500,12 +315,12 @@ def _load_single_file(path: Path, v2, v_param, ztsnr, config_dir, torch_dtype, d
     if sdxl and not (folder / "text_encoder_2" / "config.json").is_file():
         raise ConfigError(f"{path} is an SDXL checkpoint, but the {how} config {folder} has no text_encoder_2/: "
                           "pass config_dir=<an SDXL diffusers model folder>")  # fmt: skip
-    components = _meta_components(folder, sdxl)
-    pairs = _key_pairs(components, v2, folder)
-    check_shapes(path, shapes, _expected_file_shapes(pairs, components), folder, how)
+    components = meta_components(folder, sdxl)
+    pairs = file_key_pairs(components, v2, folder)
+    check_shapes(path, shapes, expected_file_shapes(pairs, components), folder, how)
     del shapes
-    _stream_from(path, order, state, pairs, components, torch_dtype, torch.device(device or "cpu"))
-    pipe = _assemble(folder, components)
+    stream_from(path, order, state, pairs, components, torch_dtype, torch.device(device or "cpu"))
+    pipe = assemble_pipeline(folder, components)
     _set_prediction(pipe, v_param, bool(ztsnr))
     model_info = ModelInfo(arch, v2, v_param, path=str(path), config_dir=str(folder), config_source=how,
                            zero_terminal_snr=bool(ztsnr), **info)  # fmt: skip

@@ -18,7 +18,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):
-    """``{arch: (diffusers_dir, single_file)}`` for sd15, sd21 and sd21-v, built on first use."""
+    """``{arch: (diffusers_dir, single_file)}`` for sd15, sd21, sd21-v and sdxl, built on first use."""
     from nbkit.models.tiny import make_tiny_model
 
     cache: dict = {}

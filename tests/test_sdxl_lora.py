@@ -342,3 +342,24 @@ def test_other_methods_refuse_sdxl(sdxl_model):
     info = type("Info", (), {"arch": "sdxl"})()
     with pytest.raises(ConfigError, match="SDXL model; this method trains SD1.x/SD2.x bases only"):
         conditioning_for(pipe, info, _config(sdxl_model[0], Path("unused")), torch.device("cpu"))
+
+
+def test_previews_render_with_the_sdxl_pipeline_and_show_the_lora(sdxl_model, data, tmp_path):
+    """kohya's sample prompts render through the SDXL pipeline (both encoders, time ids) before and
+    after training; the trained LoRA changes the picture with the same seed."""
+    import numpy as np
+    from PIL import Image
+
+    from nbkit.train.lora import train_lora
+    from nbkit.train.run_file import resolve_datasets
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle --w 64 --h 64 --s 3 --d 7\n")
+    config = _config(sdxl_model[0], tmp_path / "out", resolution=64, max_train_steps=2, learning_rate=5e-2,
+                     sample_prompts=str(prompts), sample_at_first=True, sample_every_n_steps=2)
+    raw = {"datasets": [{"subsets": [{"image_dir": str(data), "caption_extension": ".txt"}]}]}
+    train_lora(config, resolve_datasets(config, raw, data.parent), device="cpu")
+    first, last = sorted((tmp_path / "out").rglob("xl_00000*_00_7.png"))
+    a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (first, last))
+    assert a.shape == b.shape == (64, 64, 3)
+    assert np.abs(a - b).max() > 0, "the step-2 preview equals the untrained one: the LoRA is not in the preview"

@@ -28,6 +28,10 @@ class CLIPConditioning:
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder}
 
+    def use(self, text_encoders: dict[str, torch.nn.Module]) -> None:
+        """Encode with these models from now on (accelerate's prepared ones)."""
+        self.text_encoder = text_encoders["text_encoder"]
+
     def encode(self, captions: list[str]) -> torch.Tensor:
         from nbkit.train.common import encode_captions
 
@@ -96,6 +100,10 @@ class SDXLConditioning:
 
     def text_encoders(self) -> dict[str, torch.nn.Module]:
         return {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+
+    def use(self, text_encoders: dict[str, torch.nn.Module]) -> None:
+        """Encode with these models from now on (accelerate's prepared ones)."""
+        self.text_encoder, self.text_encoder_2 = text_encoders["text_encoder"], text_encoders["text_encoder_2"]
 
     def _ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
         return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,

@@ -227,6 +227,10 @@ class LoRATrainConfig(TrainConfig):
     module_dropout: float | None = field(default=None, metadata=help_("Skip a LoRA module per step (kohya network_args).", "advanced"))
     unet_lr: float | None = field(default=None, metadata=help_("U-Net learning rate (default: learning_rate)."))
     text_encoder_lr: float | None = field(default=None, metadata=help_("Text encoder learning rate (default: learning_rate)."))
+    no_half_vae: bool = field(
+        default=True, metadata=help_("Encode latents with the VAE in fp32 (kohya no_half_vae): SD and SDXL VAEs overflow "
+                                     "to NaN in fp16 unless it is an fp16-fix VAE.", "advanced")
+    )
     network_train_unet_only: bool = field(default=False, metadata=help_("Train only the U-Net LoRA (saves VRAM)."))
     network_train_text_encoder_only: bool = field(default=False, metadata=help_("Train only the text-encoder LoRA.", "advanced"))
     network_weights: str | None = field(

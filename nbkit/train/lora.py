@@ -41,13 +41,13 @@ class TrainResult:
 class LoRAMethod(Method):
     fingerprint_keys = Method.fingerprint_keys + ("network_module", "network_args", "network_dim")
 
+    nan_advice = "keep mixed_precision=fp16 with fp32 LoRA weights, or check the dataset"
+
     def check(self, datasets: list) -> list:
         from nbkit.networks.base import check_network_config
 
         check_network_config(self.config)  # network_args: a mistake is a message before the model loads
         return datasets
-    nan_advice = "keep mixed_precision=fp16 with fp32 LoRA weights, or check the dataset"
-    text_encoder_2 = None  # SDXL's second text encoder (set by ``load``)
 
     def load(self, run, pipeline, model_info) -> None:
         """Freeze the base, move it, inject (or load) the network; its weights train in fp32."""
@@ -56,19 +56,21 @@ class LoRAMethod(Method):
         config = self.config
         run.pipeline, run.info = load_base(config, pipeline, model_info, run.weight_dtype, run.device)
         run.arch = conditioning_for(run.pipeline, run.info, config, run.device, sdxl=True)
-        self.unet, self.text_encoder, vae = run.pipeline.unet, run.pipeline.text_encoder, run.pipeline.vae
-        self.text_encoder_2 = run.arch.text_encoders().get("text_encoder_2")  # SDXL's second text encoder
-        frozen = [m for m in (self.unet, self.text_encoder, self.text_encoder_2) if m is not None]
+        self.unet, vae = run.pipeline.unet, run.pipeline.vae
+        self.text_encoders = run.arch.text_encoders()  # SD1/SD2: one; SDXL: two
+        frozen = [self.unet, *self.text_encoders.values()]
         for model in (*frozen, vae):
             model.requires_grad_(False)
-        # The VAE encodes in fp32 (fp16 SD VAEs overflow to NaN); frozen U-Net/TE weights in weight_dtype.
-        place(((vae, torch.float32), *((m, run.weight_dtype) for m in frozen)), run.device)
+        # The VAE encodes in fp32 (fp16 SD and SDXL VAEs overflow to NaN; kohya no_half_vae) unless
+        # no_half_vae is off; frozen U-Net/TE weights in weight_dtype.
+        place(((vae, torch.float32 if config.no_half_vae else run.weight_dtype),
+               *((m, run.weight_dtype) for m in frozen)), run.device)
         self.network = make_network(config)
-        self.network.inject({"unet": self.unet, **run.arch.text_encoders()})
+        self.network.inject({"unet": self.unet, **self.text_encoders})
         # kohya networks/lora.py: one text-encoder group (text_encoder_lr) for te1 and te2 alike
         # (its SDXL LoRANetwork has no prepare_optimizer_params_with_multiple_te_lrs)
         self.unet_params = self.network.parameters("unet")
-        self.te_params = self.network.parameters("text_encoder") + self.network.parameters("text_encoder_2")
+        self.te_params = [p for part in self.text_encoders for p in self.network.parameters(part)]
         for model in frozen:
             model.requires_grad_(False)
         for p in self.unet_params + self.te_params:
@@ -81,17 +83,6 @@ class LoRAMethod(Method):
                     enable_te_checkpointing(model)
         set_attention(config, self.unet)
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
-        state = super().trainable_state()
-        if self.text_encoder_2 is not None:
-            state.update({f"text_encoder_2.{n}": p for n, p in self.text_encoder_2.named_parameters() if p.requires_grad})
-        return state
-
-    def train_mode(self, run) -> None:
-        super().train_mode(run)
-        if self.text_encoder_2 is not None:
-            self.text_encoder_2.train(bool(self.te_params))
-
     def prepare_data(self, run) -> None:
         super().prepare_data(run)
         self.text_cache = cache_text(self.config, run.items + run.validation, run.arch, bool(self.te_params))
@@ -103,7 +94,8 @@ class LoRAMethod(Method):
 
     def result(self, run, step: int) -> TrainResult:
         unwrap = run.accelerator.unwrap_model
-        run.pipeline.unet, run.pipeline.text_encoder = unwrap(self.unet), unwrap(self.text_encoder)
+        for part, model in {"unet": self.unet, **self.text_encoders}.items():
+            setattr(run.pipeline, part, unwrap(model))
         final = Path(self.config.output_dir) / f"{self.config.output_name}.safetensors"
         return TrainResult(final, step, run.recorder.losses, run.pipeline, run.saved, run.accelerator.is_main_process)
 

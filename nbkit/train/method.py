@@ -38,10 +38,20 @@ class Method:
 
     def __init__(self, config) -> None:
         self.config = config
-        self.unet = self.text_encoder = None
+        self.unet = None
+        self.text_encoders: dict[str, torch.nn.Module] = {}  # part -> model: the architecture's text encoders
         self.unet_params: list[torch.nn.Parameter] = []
         self.te_params: list[torch.nn.Parameter] = []
         self.text_cache: list[torch.Tensor] | None = None
+
+    @property
+    def text_encoder(self):
+        """The first (SD1/SD2: the only) text encoder."""
+        return self.text_encoders.get("text_encoder")
+
+    @text_encoder.setter
+    def text_encoder(self, model) -> None:
+        self.text_encoders["text_encoder"] = model
 
     # ---- before the model loads
     def check(self, datasets: list) -> list:
@@ -80,16 +90,17 @@ class Method:
         return optimizer, lr_scheduler
 
     def prepare(self, run) -> None:
-        self.unet, self.text_encoder, run.optimizer, run.lr_scheduler = run.accelerator.prepare(
-            self.unet, self.text_encoder, run.optimizer, run.lr_scheduler)
-        run.arch.text_encoder = self.text_encoder  # conditioning runs through the prepared model
+        parts = list(self.text_encoders)
+        self.unet, *encoders, run.optimizer, run.lr_scheduler = run.accelerator.prepare(
+            self.unet, *self.text_encoders.values(), run.optimizer, run.lr_scheduler)
+        self.text_encoders = dict(zip(parts, encoders, strict=True))
+        run.arch.use(self.text_encoders)  # conditioning runs through the prepared models
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What a state folder holds: the trained weights (LoRA: megabytes, not the base's gigabytes)."""
-        unet, text_encoder = _unwrap(self.unet), _unwrap(self.text_encoder)
-        state = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-        state.update({f"text_encoder.{n}": p for n, p in text_encoder.named_parameters() if p.requires_grad})
-        return state
+        models = {"unet": self.unet, **self.text_encoders}
+        return {f"{part}.{n}": p for part, model in models.items() for n, p in _unwrap(model).named_parameters()
+                if p.requires_grad}
 
     def resumed(self, run, progress) -> None:
         """Called after a state folder was restored (the method may restore more)."""
@@ -97,10 +108,11 @@ class Method:
     # ---- per step
     def train_mode(self, run) -> None:
         self.unet.train()
-        self.text_encoder.train(bool(self.te_params))
+        for model in self.text_encoders.values():
+            model.train(bool(self.te_params))
 
     def accumulated_models(self) -> tuple:
-        return (self.unet, self.text_encoder)
+        return (self.unet, *self.text_encoders.values())
 
     def text_trains(self, step: int) -> bool:
         return bool(self.te_params)

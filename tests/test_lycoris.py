@@ -257,8 +257,8 @@ def test_alpha_zero_means_alpha_equals_rank():
 
 def test_sdxl_text_encoders_are_te1_and_te2():
     """SDXL: the two text encoders' stems are lora_te1_/lora_te2_ (what LyCORIS's kohya network writes
-    for a list of text encoders), read back by LyCORIS's loader output for output; the U-Net is refused
-    until its SAI-layout names are mapped."""
+    for a list of text encoders), read back by LyCORIS's loader output for output; U-Net stems are the
+    SGM names of kohya's SAI-layout U-Net (tests/test_sdxl_merge.py loads them in LyCORIS)."""
     import nbkit.models.tiny as tiny
 
     if not hasattr(tiny, "build_tiny_sdxl_components"):
@@ -266,8 +266,11 @@ def test_sdxl_text_encoders_are_te1_and_te2():
     parts = tiny.build_tiny_sdxl_components()
     models = {k: parts[k] for k in ("unet", "text_encoder", "text_encoder_2")}
     config = LoRATrainConfig(network_module="lycoris.kohya", network_args=["algo=loha"], network_dim=2)
-    with pytest.raises(ConfigError, match="SAI-layout U-Net"):
-        LycorisNetwork(config).inject(models)
+    network = LycorisNetwork(config)
+    network.inject(models)
+    unet_stems = {k.partition(".")[0] for k in network.state_dict() if k.startswith("lora_unet_")}
+    assert unet_stems and all(s.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_",
+                                            "lora_unet_output_blocks_")) for s in unet_stems)  # fmt: skip
     parts = tiny.build_tiny_sdxl_components()
     models = {k: parts[k] for k in ("unet", "text_encoder", "text_encoder_2")}
     config = LoRATrainConfig(network_module="lycoris.kohya", network_args=["algo=loha"], network_dim=2,

@@ -98,3 +98,110 @@ def expected_stems(module_paths: Mapping[str, Iterable[str]], unet_config: Mappi
     """``{stem: "<part>.<path>"}`` for the given adapted module paths per part: the inverse of the
     naming, for checks and for reading a kohya SDXL file back onto diffusers/transformers models."""
     return {stem_of(part, path, unet_config): f"{part}.{path}" for part, paths in module_paths.items() for path in paths}
+
+
+# ----------------------------------------------------------------------------- reading files back
+
+PARTS = ("lora_down.weight", "lora_up.weight", "alpha")
+
+
+def part_of_stem(stem: str) -> str | None:
+    """``unet`` | ``text_encoder`` | ``text_encoder_2`` for a kohya SDXL stem (None: not an SDXL stem)."""
+    return next((part for part, prefix in PREFIXES.items() if stem.startswith(prefix)), None)
+
+
+def stem_index(
+    module_names: Mapping[str, Iterable[str] | None], unet_config: Mapping[str, Any]
+) -> dict[str, tuple[str, str] | None]:
+    """``{stem: (part, module path)}`` for every module of the given parts that has a kohya SDXL name
+    (the inverse of :func:`stem_of`, built from the models' own module names, so ``_`` in a stem is never
+    guessed); ``None`` marks a stem two module paths share. U-Net modules without an SGM name
+    (``time_embedding``, ``add_embedding``: kohya never adapts them) are left out."""
+    index: dict[str, tuple[str, str] | None] = {}
+    for part, names in module_names.items():
+        if names is None:
+            continue
+        if part not in PREFIXES:
+            raise ValueError(f"unknown SDXL part {part!r}: one of {list(PREFIXES)}")
+        for name in names:
+            if not name:
+                continue
+            try:
+                stem = stem_of(part, name, unet_config)
+            except ValueError:
+                continue
+            index[stem] = (part, name) if index.get(stem, (part, name)) == (part, name) else None
+    return index
+
+
+def group_kohya_sdxl(sd: Mapping[str, torch.Tensor], source: str = "kohya SDXL LoRA") -> dict[str, dict[str, torch.Tensor]]:
+    """``{stem: {"lora_down.weight", "lora_up.weight"[, "alpha"]}}``; ValueError naming the keys that are
+    not kohya SDXL LoRA keys (a LyCORIS file, an SD1/SD2 ``lora_te_`` file, diffusers/peft names)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    unknown = []
+    for key, tensor in sd.items():
+        stem, _, part = key.partition(".")
+        if part in PARTS and part_of_stem(stem) is not None:
+            groups.setdefault(stem, {})[part] = tensor
+        else:
+            unknown.append(key)
+    if unknown:
+        sd1 = any(k.startswith("lora_te_") for k in unknown)
+        raise ValueError(
+            f"{source}: {len(unknown)} keys are not kohya SDXL LoRA keys (lora_unet_/lora_te1_/lora_te2_ + "
+            f".lora_down.weight/.lora_up.weight/.alpha), e.g. {unknown[:4]}"
+            + ("; lora_te_ is an SD1.x/SD2.x text encoder: a LoRA for another base model" if sd1 else "")
+        )
+    broken = [s for s, p in groups.items() if not {"lora_down.weight", "lora_up.weight"} <= set(p)]
+    if broken:
+        raise ValueError(f"{source}: modules missing lora_down or lora_up: {broken[:5]}")
+    if not groups:
+        raise ValueError(f"{source}: no LoRA modules")
+    return groups
+
+
+def kohya_sdxl_to_peft(
+    sd: Mapping[str, torch.Tensor],
+    module_names: Mapping[str, Iterable[str] | None],
+    unet_config: Mapping[str, Any],
+    *,
+    source: str = "kohya SDXL LoRA",
+) -> tuple[dict[str, Tensors], dict[str, float], dict[str, int]]:
+    """A kohya SDXL state dict as peft-style dicts per part: ``({part: {"<path>.lora_A.weight": down,
+    "<path>.lora_B.weight": up}}, alphas, ranks)``, ``alphas``/``ranks`` keyed ``"<part>.<path>"``.
+
+    Stems are resolved against each part's module names (``module_names[part]``, None for a part not
+    given); a missing alpha means alpha = rank (kohya). ValueError for stems that match no module.
+    """
+    groups = group_kohya_sdxl(sd, source)
+    index = stem_index(module_names, unet_config)
+    sds: dict[str, Tensors] = {part: {} for part in PREFIXES}
+    alphas: dict[str, float] = {}
+    ranks: dict[str, int] = {}
+    unresolved: list[str] = []
+    missing: dict[str, list[str]] = {}
+    for stem, parts in groups.items():
+        part = part_of_stem(stem)
+        if module_names.get(part) is None:
+            missing.setdefault(part, []).append(stem)
+            continue
+        where = index.get(stem)
+        if where is None:
+            unresolved.append(stem)
+            continue
+        _, path = where
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        sds[part][f"{path}.lora_A.weight"] = down
+        sds[part][f"{path}.lora_B.weight"] = up
+        rank = int(down.shape[0])
+        alpha = float(parts["alpha"].float().item()) if "alpha" in parts else float(rank)
+        alphas[f"{part}.{path}"] = float(rank) if alpha == 0.0 else alpha
+        ranks[f"{part}.{path}"] = rank
+    for part, stems in missing.items():
+        raise ValueError(f"{source}: the file has {part} LoRA weights but no {part} was given, e.g. {stems[:3]}")
+    if unresolved:
+        raise ValueError(
+            f"{source}: {len(unresolved)} LoRA modules match no module of the SDXL model, e.g. {unresolved[:5]}. "
+            "Is the LoRA made for another base model (SD1 vs SD2 vs SDXL)?"
+        )
+    return {p: s for p, s in sds.items() if s}, alphas, ranks

@@ -43,9 +43,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from nbkit.formats import kohya_sdxl
 from nbkit.formats.text_encoder_keys import canonical_text_encoder_key
 
 #: kohya stem prefix -> the model part (``lycoris/kohya.py``: LORA_PREFIX_UNET, LORA_PREFIX_TEXT_ENCODER[1|2])
@@ -66,14 +68,18 @@ def is_lycoris_state_dict(keys: Iterable[str]) -> bool:
     return any(key.partition(".")[2] in LYCORIS_ONLY for key in keys)
 
 
-def lycoris_stem(part: str, path: str, *, sdxl: bool = False) -> str:
+def lycoris_stem(part: str, path: str, *, sdxl: bool = False, unet_config: Mapping[str, Any] | None = None) -> str:
     """kohya/LyCORIS stem of module ``path`` of a model part (``unet``, ``text_encoder``, ``text_encoder_2``).
 
     As ``lycoris/kohya.py::create_modules``: ``prefix + "_" + path`` with ``.`` -> ``_``; text-encoder
     paths get the ``text_model.`` segment back (``canonical_text_encoder_key``). ``sdxl``: two text
     encoders, ``lora_te1_``/``lora_te2_``. The U-Net path is used as given (diffusers names, which is
-    what kohya writes for SD1/SD2; kohya's SDXL U-Net has SAI names).
+    what kohya writes for SD1/SD2); for SDXL (``unet_config`` given) it becomes the SGM path of kohya's
+    ``sdxl_original_unet.py`` (:func:`nbkit.formats.kohya_sdxl.unet_stem`), the module names LyCORIS's
+    kohya network sees there.
     """
+    if part == "unet" and unet_config is not None:
+        return kohya_sdxl.unet_stem(path, unet_config)
     if part == "unet":
         return "lora_unet_" + path.replace(".", "_")
     if part not in ("text_encoder", "text_encoder_2"):
@@ -360,15 +366,23 @@ def check_lycoris_state_dict(state_dict: Mapping[str, torch.Tensor]) -> None:
         raise ValueError(f"LyCORIS state dict: alpha must be 0-dim (as LyCORIS writes it): {bad[:5]}")
 
 
-def module_index(part: str, names: Iterable[str]) -> dict[str, str | None]:
+def module_index(part: str, names: Iterable[str], unet_config: Mapping[str, Any] | None = None) -> dict[str, str | None]:
     """``{stem rest: module path}`` for resolving stems; ``None`` where two paths share an underscore form.
 
     Text-encoder names and stems are compared without the ``text_model`` segment (files have it,
-    transformers >= 5.6 module paths do not).
+    transformers >= 5.6 module paths do not). With ``unet_config`` (SDXL) U-Net paths are compared in
+    their SGM form (kohya's SDXL names); paths without one are left out.
     """
     index: dict[str, str | None] = {}
     for name in names:
         if not name:
+            continue
+        if part == "unet" and unet_config is not None:
+            try:
+                key = kohya_sdxl.sgm_unet_path(name, unet_config).replace(".", "_")
+            except ValueError:
+                continue
+            index[key] = name if index.get(key, name) == name else None
             continue
         key = (name if part == "unet" else name.removeprefix("text_model.")).replace(".", "_")
         index[key] = name if index.get(key, name) == name else None
@@ -376,11 +390,13 @@ def module_index(part: str, names: Iterable[str]) -> dict[str, str | None]:
 
 
 def resolve_stems(
-    stems: Iterable[str], names: Mapping[str, Iterable[str] | None], source: str = "LyCORIS file"
+    stems: Iterable[str], names: Mapping[str, Iterable[str] | None], source: str = "LyCORIS file",
+    unet_config: Mapping[str, Any] | None = None,
 ) -> dict[str, tuple[str, str]]:
     """``{stem: (part, module path)}`` against each part's module names; ``ValueError`` for stems that
-    match no module (a file for another base model) or a part that was not given."""
-    indexes = {part: None if ns is None else module_index(part, ns) for part, ns in names.items()}
+    match no module (a file for another base model) or a part that was not given. ``unet_config``:
+    an SDXL U-Net, whose stems are SGM names (kohya's)."""
+    indexes = {part: None if ns is None else module_index(part, ns, unet_config) for part, ns in names.items()}
     out: dict[str, tuple[str, str]] = {}
     missing_part: dict[str, list[str]] = {}
     unresolved: list[str] = []

@@ -18,6 +18,12 @@ UNet/CLIP built on the meta device from the model's config, then mapped to check
 - diffusers folder: the component's own keys; the result is a diffusers folder again (or a
   single file when ``out`` ends in ``.safetensors``/``.ckpt``).
 
+SDXL (a model with ``conditioner.embedders.*`` keys, or a diffusers folder with ``text_encoder_2``):
+kohya's SDXL stems (``lora_unet_<SGM path>``, ``lora_te1_``, ``lora_te2_``; LoRA, LoCon and LyCORIS)
+are resolved against meta SDXL models and land on the SGM file's keys (bigG's q/k/v in thirds of
+``in_proj_weight``) or the folder's components (:mod:`nbkit.merge.sdxl`), as kohya
+``networks/sdxl_merge_lora.py`` merges them.
+
 Everything (names, shapes, which LoRA fits which key) is checked before writing.
 """
 
@@ -34,6 +40,7 @@ from pathlib import Path
 import torch
 
 from nbkit.formats.lycoris import LycorisModule, group_lycoris, is_lycoris_state_dict, resolve_stems
+from nbkit.merge.arch import model_family
 from nbkit.merge.lora_math import LoraModule, fit_shape
 from nbkit.merge.sources import DiffusersSource, TensorSource, WeightFiles, check_output, open_source
 from nbkit.merge.streaming import TensorSpec, read_safetensors_specs, save_ckpt, stream_safetensors
@@ -147,29 +154,25 @@ def plan_patches(
         )
         for kind, peft_sd in (("unet", unet_sd), ("text_encoder", te_sd)):
             for path in sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd}):
-                module = weights[kind].get_submodule(path)
-                target = resolve(kind, path, module.weight)
-                spec = specs(target)
-                if spec is None:
-                    raise ValueError(f"{name}: {kind} module {path} -> {target.key}, which the model does not have")
                 lora = LoraModule(peft_sd[f"{path}.lora_A.weight"], peft_sd[f"{path}.lora_B.weight"],
                                   alphas[f"{kind}.{path}"])  # fmt: skip
-                shape = spec.shape if target.rows is None else (target.rows[1] - target.rows[0], *spec.shape[1:])
-                what = f"{name}: {kind} {path} (weight {lora.weight_shape}) into {target.key} {spec.shape}"
-                fit_shape(torch.empty(lora.weight_shape, device="meta"), shape, what)
-                plan.setdefault((target.component, target.key), []).append(Patch(lora, ratio, target.rows, what))
+                _add_lora(plan, name, kind, path, lora, ratio, weights, resolve, specs)
     return plan
 
 
-def _plan_lycoris(plan: dict, name: str, sd: dict[str, torch.Tensor], ratio: float, models: dict, resolve, specs) -> None:
-    """Add a LyCORIS file's patches to ``plan``: stems resolved against the (meta) models, every
-    module's delta checked against its target's shape."""
+def _plan_lycoris(plan: dict, name: str, sd: dict[str, torch.Tensor], ratio: float, models: dict, resolve, specs,
+                  where=None) -> None:
+    """Add a LyCORIS file's patches to ``plan``: stems resolved against the (meta) models (``where``:
+    ``{stem: (part, path)}`` already resolved, as for SDXL's SGM names), every module's delta checked
+    against its target's shape."""
     modules = group_lycoris(sd, name)
-    sdxl = [s for s in modules if s.startswith(("lora_te1_", "lora_te2_"))]
-    if sdxl:
-        raise ValueError(f"{name}: an SDXL LyCORIS file (e.g. {sdxl[0]}); `merge lora-into` merges SD1.x/SD2.x files")
-    names = {kind: [n for n, _ in m.named_modules()] for kind, m in models.items()}
-    for stem, (kind, path) in sorted(resolve_stems(modules, {**names, "text_encoder_2": None}, name).items()):
+    if where is None:
+        sdxl = [s for s in modules if s.startswith(("lora_te1_", "lora_te2_"))]
+        if sdxl:
+            raise ValueError(f"{name}: an SDXL LyCORIS file (e.g. {sdxl[0]}) but an SD1.x/SD2.x model")
+        names = {kind: [n for n, _ in m.named_modules()] for kind, m in models.items()}
+        where = resolve_stems(modules, {**names, "text_encoder_2": None}, name)
+    for stem, (kind, path) in sorted(where.items()):
         module = modules[stem]
         target = resolve(kind, path, models[kind].get_submodule(path).weight)
         spec = specs(target)
@@ -181,6 +184,52 @@ def _plan_lycoris(plan: dict, name: str, sd: dict[str, torch.Tensor], ratio: flo
             raise ValueError(f"{what}: the {module.algo} delta {module.flat_shape()} does not fit (a LyCORIS file "
                              "for another model?)")
         plan.setdefault((target.component, target.key), []).append(Patch(module, ratio, target.rows, what))
+
+
+def _add_lora(plan: dict, name: str, kind: str, path: str, lora: LoraModule, ratio: float, models, resolve, specs):
+    target = resolve(kind, path, models[kind].get_submodule(path).weight)
+    spec = specs(target)
+    if spec is None:
+        raise ValueError(f"{name}: {kind} module {path} -> {target.key}, which the model does not have")
+    shape = spec.shape if target.rows is None else (target.rows[1] - target.rows[0], *spec.shape[1:])
+    what = f"{name}: {kind} {path} (weight {lora.weight_shape}) into {target.key} {spec.shape}"
+    fit_shape(torch.empty(lora.weight_shape, device="meta"), shape, what)
+    plan.setdefault((target.component, target.key), []).append(Patch(lora, ratio, target.rows, what))
+
+
+def plan_sdxl_patches(
+    loras: Sequence[tuple[str, dict[str, torch.Tensor], float]],
+    configs: dict[str, dict],
+    resolve: Callable[[str, str, torch.Tensor], Target],
+    specs: Callable[[Target], TensorSpec | None],
+) -> dict[tuple[str | None, str], list[Patch]]:
+    """:func:`plan_patches` for SDXL: kohya SDXL stems (``lora_unet_<SGM path>``, ``lora_te1_``,
+    ``lora_te2_``) of LoRA/LoCon and LyCORIS files resolved against meta SDXL models
+    (:func:`nbkit.formats.kohya_sdxl.stem_index`), as kohya ``networks/sdxl_merge_lora.py`` finds them
+    by name on its SAI-layout U-Net and two text encoders."""
+    from nbkit.formats.kohya_sdxl import kohya_sdxl_to_peft, stem_index
+    from nbkit.merge.sdxl import meta_sdxl_models
+
+    models = meta_sdxl_models(configs)
+    names = {part: [n for n, _ in m.named_modules()] for part, m in models.items()}
+    plan: dict[tuple[str | None, str], list[Patch]] = {}
+    for name, sd, ratio in loras:
+        if is_lycoris_state_dict(sd):
+            index = stem_index(names, configs["unet"])
+            stems = {k.partition(".")[0] for k in sd}
+            unknown = sorted(s for s in stems if index.get(s) is None)
+            if unknown:
+                raise ValueError(f"{name}: {len(unknown)} LyCORIS modules match no module of the SDXL model, e.g. "
+                                 f"{unknown[:5]} (a file for SD1.x/SD2.x?)")
+            _plan_lycoris(plan, name, sd, ratio, models, resolve, specs, where={s: index[s] for s in stems})
+            continue
+        sds, alphas, _ = kohya_sdxl_to_peft(sd, names, configs["unet"], source=name)
+        for kind, peft_sd in sds.items():
+            for path in sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd}):
+                lora = LoraModule(peft_sd[f"{path}.lora_A.weight"], peft_sd[f"{path}.lora_B.weight"],
+                                  alphas[f"{kind}.{path}"])  # fmt: skip
+                _add_lora(plan, name, kind, path, lora, ratio, models, resolve, specs)
+    return plan
 
 
 @dataclass
@@ -276,15 +325,19 @@ def merge_lora_into(
         source = stack.enter_context(open_source(model))
         if not single and not isinstance(source, DiffusersSource):
             raise ValueError(f"{out}: a single-file model gives a single file; end the output in .safetensors")
-        unet_config, te_config, v2 = model_configs(source, config_dir)
-        hidden = int(te_config["hidden_size"])
-        if single:
-            resolve = lambda kind, path, w: ldm_target(kind, path, unet_config, hidden, v2, w)  # noqa: E731
-            specs = lambda t: source.specs.get(t.key)  # noqa: E731
-        else:
-            resolve, specs = _folder_resolver(source)
         lora_sds = [(str(p), load_file(str(p)), float(r)) for p, (_, r) in zip(paths, loras)]
-        plan = plan_patches(lora_sds, unet_config, te_config, resolve, specs)
+        if model_family(source.specs) == "sdxl":
+            plan = _sdxl_plan(source, lora_sds, single, config_dir)
+        else:
+            _refuse_sdxl_loras(lora_sds, model)
+            unet_config, te_config, v2 = model_configs(source, config_dir)
+            hidden = int(te_config["hidden_size"])
+            if single:
+                resolve = lambda kind, path, w: ldm_target(kind, path, unet_config, hidden, v2, w)  # noqa: E731
+                specs = lambda t: source.specs.get(t.key)  # noqa: E731
+            else:
+                resolve, specs = _folder_resolver(source)
+            plan = plan_patches(lora_sds, unet_config, te_config, resolve, specs)
         dtype, save_dtype = _DTYPES[precision], _DTYPES.get(save_precision or "")
         if single:
             meta = dict(source.metadata, format="pt")
@@ -297,13 +350,40 @@ def merge_lora_into(
     return LoraIntoResult(out, len(plan), modules, [(str(p), float(r)) for p, r in loras])
 
 
-def _folder_resolver(source: DiffusersSource):
+def _sdxl_plan(source: TensorSource, lora_sds, single: bool, config_dir) -> dict:
+    """The patches of SDXL LoRA/LyCORIS files on an SDXL model: SGM file keys (single file) or the
+    diffusers components' own keys (folder)."""
+    from nbkit.merge.sdxl import meta_sdxl_models, sdxl_configs, sgm_weight_keys
+
+    configs = sdxl_configs(source, config_dir)
+    if single:
+        keys = sgm_weight_keys(meta_sdxl_models(configs), configs)
+
+        def resolve(kind: str, path: str, weight: torch.Tensor) -> Target:
+            key, rows = keys[(kind, f"{path}.weight")]
+            return Target(key, None, rows)
+
+        specs = lambda t: source.specs.get(t.key)  # noqa: E731
+    else:
+        resolve, specs = _folder_resolver(source, ("unet", "text_encoder", "text_encoder_2"))
+    return plan_sdxl_patches(lora_sds, configs, resolve, specs)
+
+
+def _refuse_sdxl_loras(lora_sds, model) -> None:
+    for name, sd, _ in lora_sds:
+        sdxl = next((k for k in sd if k.startswith(("lora_te1_", "lora_te2_"))), None)
+        if sdxl:
+            raise ValueError(f"{name}: an SDXL LoRA ({sdxl}), but {model} is an SD1.x/SD2.x model: merge it into "
+                             "an SDXL checkpoint")
+
+
+def _folder_resolver(source: DiffusersSource, components: Sequence[str] = ("unet", "text_encoder")):
     """Target resolution and specs in a diffusers folder's own key names."""
-    files = {c: WeightFiles(source.path / c) for c in ("unet", "text_encoder")}
+    files = {c: WeightFiles(source.path / c) for c in components}
 
     def resolve(kind: str, path: str, weight: torch.Tensor) -> Target:
         key = f"{path}.weight"
-        if kind == "text_encoder" and key not in files[kind].specs:
+        if kind != "unet" and key not in files[kind].specs:
             key = f"text_model.{key}"
         return Target(key, kind)
 

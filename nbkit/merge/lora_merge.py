@@ -17,9 +17,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nbkit.formats.kohya_metadata import IMPL_DIFFUSERS
-from nbkit.formats.ldm_checkpoint import ARCHITECTURES
+from nbkit.formats.kohya_metadata import IMPL_DIFFUSERS, IMPL_STABILITY_AI
+from nbkit.formats.kohya_sdxl import BASE_MODEL_VERSION as SDXL_BASE_VERSION
+from nbkit.formats.ldm_checkpoint import ARCHITECTURES as SD_ARCHITECTURES
 from nbkit.formats.lycoris import is_lycoris_state_dict
+from nbkit.formats.sgm_checkpoint import SDXL_ARCHITECTURE
 from nbkit.merge.lora_math import (
     CLAMP_QUANTILE,
     LoraModule,
@@ -32,7 +34,10 @@ from nbkit.merge.lora_math import (
 )
 from nbkit.merge.sources import check_output
 
-BASE_VERSIONS = {"sd15": "sd_v1", "sd21": "sd_v2", "sd21-v": "sd_v2_v"}
+BASE_VERSIONS = {"sd15": "sd_v1", "sd21": "sd_v2", "sd21-v": "sd_v2_v", "sdxl": SDXL_BASE_VERSION}
+#: arch -> (modelspec.architecture, ss_v2); SDXL as kohya sai_model_spec.build_metadata(sdxl=True)
+ARCHITECTURES = {**SD_ARCHITECTURES, "sdxl": (SDXL_ARCHITECTURE, False)}
+_SDXL_UNET = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
 _FROM_BASE_VERSION = {v: k for k, v in BASE_VERSIONS.items()}
 
 
@@ -72,11 +77,18 @@ def lycoris_refusal(path: str | Path, metadata: Mapping[str, str]) -> str:
 
 
 def lora_arch(modules: Mapping[str, LoraModule], metadata: Mapping[str, str], source: str) -> str:
-    """``sd15`` | ``sd21`` | ``sd21-v`` from kohya metadata, else from the text encoder width."""
-    if any(s.startswith(("lora_te1_", "lora_te2_")) for s in modules) or str(
-        metadata.get("ss_base_model_version", "")
-    ).startswith("sdxl"):
-        raise ValueError(f"{source}: an SDXL LoRA; nbkit merges SD1.x/SD2.x LoRAs only")
+    """``sd15`` | ``sd21`` | ``sd21-v`` | ``sdxl`` from kohya metadata, else from the names (SDXL:
+    ``lora_te1_``/``lora_te2_`` or SGM U-Net stems) and the text encoder width."""
+    sdxl_names = any(s.startswith(("lora_te1_", "lora_te2_", *_SDXL_UNET)) for s in modules)
+    sd_names = any(s.startswith(("lora_te_", "lora_unet_down_blocks_", "lora_unet_up_blocks_", "lora_unet_mid_block_"))
+                   for s in modules)  # fmt: skip
+    sdxl_meta = str(metadata.get("ss_base_model_version", "")).startswith("sdxl")
+    if sdxl_names and sd_names:
+        raise ValueError(f"{source}: mixes SDXL (lora_te1_/lora_te2_/SGM U-Net) and SD1.x/SD2.x module names")
+    if sdxl_names or sdxl_meta:
+        if sd_names:
+            raise ValueError(f"{source}: SD1.x/SD2.x module names but ss_base_model_version says SDXL")
+        return "sdxl"
     version = metadata.get("ss_base_model_version")
     if version in _FROM_BASE_VERSION:
         return _FROM_BASE_VERSION[version]
@@ -118,9 +130,9 @@ def lora_metadata(
     meta.update({
         "modelspec.sai_model_spec": "1.0.1",
         "modelspec.architecture": f"{architecture}/lora",
-        "modelspec.implementation": IMPL_DIFFUSERS,
+        "modelspec.implementation": IMPL_STABILITY_AI if arch == "sdxl" else IMPL_DIFFUSERS,
         "modelspec.title": title,
-        "modelspec.resolution": resolution or ("768x768" if arch == "sd21-v" else "512x512"),
+        "modelspec.resolution": resolution or {"sd21-v": "768x768", "sdxl": "1024x1024"}.get(arch, "512x512"),
         "modelspec.date": datetime.datetime.fromtimestamp(int(time.time())).isoformat(),
         "modelspec.implementation_version": f"nbkit/{__version__}",
         "modelspec.prediction_type": "v" if arch == "sd21-v" else "epsilon",

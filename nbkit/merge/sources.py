@@ -259,13 +259,54 @@ class DiffusersSource(TensorSource):
         self._cache = None
 
 
+def is_sdxl_folder(folder: str | Path) -> bool:
+    """A diffusers folder with a second text encoder (``StableDiffusionXLPipeline``)."""
+    index = Path(folder) / "model_index.json"
+    return index.is_file() and "text_encoder_2" in json.loads(index.read_text())
+
+
+class SDXLDiffusersSource(DiffusersSource):
+    """A diffusers ``StableDiffusionXLPipeline`` folder seen as an SGM single file: the key pairs of
+    :func:`nbkit.formats.sgm_checkpoint.key_pairs` (U-Net/VAE as SD, CLIP-L under
+    ``conditioner.embedders.0.transformer.``, bigG's q/k/v as one ``in_proj_*``), one file tensor at a
+    time. The file-only extras (CLIP-L ``position_ids``, bigG ``logit_scale``) are not invented."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from nbkit.formats.sgm_checkpoint import COMPONENTS, diffusers_to_sgm, key_pairs
+
+        folder = Path(folder)
+        self.configs = {name: read_config(folder / name) for name in COMPONENTS}
+        self.v2 = False
+        self._files = {name: WeightFiles(folder / name) for name in COMPONENTS}
+        try:
+            pairs = key_pairs({n: list(f.specs) for n, f in self._files.items()}, self.configs["unet"],
+                              self.configs["vae"])  # fmt: skip
+        except KeyError as e:
+            raise ValueError(f"{folder}: {e.args[0]}") from None
+        self._pairs = {pair.file_key: pair for pair in pairs}
+        specs = {}
+        for pair in pairs:
+            metas = [self._files[pair.component].specs[k].meta() for k in pair.keys]
+            specs[pair.file_key] = TensorSpec.of(diffusers_to_sgm(pair, metas))
+        TensorSource.__init__(self, folder, specs, {})
+        self._cache = None
+
+    def get(self, key: str) -> torch.Tensor:
+        from nbkit.formats.sgm_checkpoint import diffusers_to_sgm
+
+        pair = self._pairs[key]
+        files = self._files[pair.component]
+        return diffusers_to_sgm(pair, [files.get(k) for k in pair.keys])
+
+
 def open_source(path: str | Path) -> TensorSource:
-    """A :class:`TensorSource` for a ``.safetensors``/``.ckpt`` file or a diffusers folder."""
+    """A :class:`TensorSource` for a ``.safetensors``/``.ckpt`` file or a diffusers folder (an SDXL
+    folder in the SGM layout)."""
     from nbkit.formats.checkpoint_io import read_single_file
 
     path = Path(path)
     if path.is_dir():
-        return DiffusersSource(path)
+        return SDXLDiffusersSource(path) if is_sdxl_folder(path) else DiffusersSource(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file or diffusers folder")
     if path.suffix.lower() == ".safetensors":

@@ -118,7 +118,8 @@ def detect_v2(shapes: dict[str, tuple[int, ...]], path: str | Path) -> bool:
     """SD2 (OpenCLIP text encoder) vs SD1 (CLIP-L) from an original-layout file's keys."""
     keys = shapes.keys()
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ConfigError(f"{path}: SDXL is not supported yet (found conditioner.embedders.* keys); use an SD1.x/SD2.x model")
+        raise ConfigError(f"{path}: an SDXL checkpoint (conditioner.embedders.* keys) where an SD1.x/SD2.x one is "
+                          "needed: use an SD1.x/SD2.x model here")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise ConfigError(
             f"{path}: no model.diffusion_model.* keys, so not an SD1/SD2 checkpoint "

@@ -278,24 +278,22 @@ def load_kohya_lora(
     unet: torch.nn.Module | None,
     text_encoder: torch.nn.Module | None,
     *,
+    text_encoder_2: torch.nn.Module | None = None,
     adapter_name: str = "default",
 ) -> dict[str, list[str]]:
     """Inject a peft adapter matching a kohya LoRA (ranks, alphas, conv shapes) and load its weights.
 
     For continuing training or previews. The LoRA parameters end up float32 and trainable.
-    Returns ``{"unet": [...], "text_encoder": [...]}`` adapted module paths.
+    Returns ``{"unet": [...], "text_encoder": [...]}`` adapted module paths (and ``"text_encoder_2"``
+    for SDXL). An SDXL model (``text_encoder_2`` given) or an SDXL file (``lora_te1_``/``lora_te2_``
+    keys) is read with kohya's SDXL names (:func:`load_kohya_sdxl_lora`).
     """
     from nbkit.formats.kohya_lora import TE_PREFIX, UNET_PREFIX, kohya_to_peft
 
-    if isinstance(path_or_sd, Mapping):
-        sd, source = dict(path_or_sd), "kohya LoRA state dict"
-    else:
-        from safetensors.torch import load_file
-
-        source = str(path_or_sd)
-        if not source.endswith(".safetensors"):
-            raise ValueError(f"{source}: only kohya .safetensors LoRA files are supported")
-        sd = load_file(source)
+    sd, source = _read_lora(path_or_sd)
+    if text_encoder_2 is not None or any(k.startswith(("lora_te1_", "lora_te2_")) for k in sd):
+        models = {"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        return load_kohya_sdxl_lora(sd, models, adapter_name=adapter_name, source=source)
     models = {"unet": unet, "text_encoder": text_encoder}
     for kind, prefix in (("unet", UNET_PREFIX), ("text_encoder", TE_PREFIX)):
         if models[kind] is None and any(k.startswith(prefix) for k in sd):
@@ -309,15 +307,60 @@ def load_kohya_lora(
         model = models[kind]
         if not peft_sd or model is None:
             continue
-        paths = sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
-        modules = {p: (ranks[f"{kind}.{p}"], alphas[f"{kind}.{p}"]) for p in paths}
-        result[kind] = inject_lora_modules(model, modules, adapter_name=adapter_name)
-        with torch.no_grad():
-            for p in paths:
-                layer = model.get_submodule(p)
-                for part in ("lora_A", "lora_B"):
-                    weight = getattr(layer, part)[adapter_name].weight
-                    weight.copy_(_fit(peft_sd[f"{p}.{part}.weight"], weight.shape, f"{source}: {kind} {p} {part}"))
+        result[kind] = _inject_and_load(model, kind, peft_sd, alphas, ranks, adapter_name, source)
+    return result
+
+
+def _read_lora(path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    if isinstance(path_or_sd, Mapping):
+        return dict(path_or_sd), "kohya LoRA state dict"
+    from safetensors.torch import load_file
+
+    source = str(path_or_sd)
+    if not source.endswith(".safetensors"):
+        raise ValueError(f"{source}: only kohya .safetensors LoRA files are supported")
+    return load_file(source), source
+
+
+def _inject_and_load(model: nn.Module, kind: str, peft_sd: Mapping[str, torch.Tensor], alphas, ranks,
+                     adapter_name: str, source: str) -> list[str]:
+    """peft adapter on exactly the file's modules (their ranks and alphas), weights copied in."""
+    paths = sorted({k.rsplit(".lora_", 1)[0] for k in peft_sd})
+    modules = {p: (ranks[f"{kind}.{p}"], alphas[f"{kind}.{p}"]) for p in paths}
+    adapted = inject_lora_modules(model, modules, adapter_name=adapter_name)
+    with torch.no_grad():
+        for p in paths:
+            layer = model.get_submodule(p)
+            for part in ("lora_A", "lora_B"):
+                weight = getattr(layer, part)[adapter_name].weight
+                weight.copy_(_fit(peft_sd[f"{p}.{part}.weight"], weight.shape, f"{source}: {kind} {p} {part}"))
+    return adapted
+
+
+def load_kohya_sdxl_lora(
+    path_or_sd: str | os.PathLike | Mapping[str, torch.Tensor],
+    models: Mapping[str, nn.Module | None],
+    *,
+    adapter_name: str = "default",
+    source: str | None = None,
+) -> dict[str, list[str]]:
+    """:func:`load_kohya_lora` for kohya's SDXL names: ``lora_unet_<SGM path>`` onto the diffusers
+    U-Net's modules, ``lora_te1_``/``lora_te2_`` onto the two text encoders (kohya
+    ``networks/lora.py::create_network_from_weights`` with ``is_sdxl``: dim from ``lora_down``, alpha
+    from ``.alpha``). ``models``: ``{"unet", "text_encoder", "text_encoder_2"}`` (None: not given)."""
+    from nbkit.formats.kohya_sdxl import kohya_sdxl_to_peft
+
+    sd, read_from = _read_lora(path_or_sd)
+    source = source or read_from
+    unet = models.get("unet")
+    if unet is None:
+        raise ValueError(f"{source}: an SDXL LoRA needs the SDXL U-Net to resolve its SGM module names")
+    names = {part: None if m is None else [n for n, _ in m.named_modules() if not _is_adapter_internal(n)]
+             for part, m in models.items()}  # fmt: skip
+    sds, alphas, ranks = kohya_sdxl_to_peft(sd, names, dict(unet.config), source=source)
+    result: dict[str, list[str]] = {"unet": [], "text_encoder": [], "text_encoder_2": []}
+    for part, peft_sd in sds.items():
+        result[part] = _inject_and_load(models[part], part, peft_sd, alphas, ranks, adapter_name, source)
     return result
 
 
@@ -369,11 +412,8 @@ class LoRANetwork:
         self.models = dict(models)
         unet, text_encoder = models.get("unet"), models.get("text_encoder")
         text_encoder_2 = models.get("text_encoder_2")  # SDXL's OpenCLIP bigG
-        if config.network_weights and text_encoder_2 is not None:
-            raise ConfigError(f"network_weights = {config.network_weights}: continuing from an SDXL LoRA file is "
-                              "not supported yet: start a new LoRA (unset network_weights)")
-        if config.network_weights:  # continue from a kohya file: its ranks and alphas win
-            load_kohya_lora(config.network_weights, unet, text_encoder)
+        if config.network_weights:  # continue from a kohya file (SDXL names too): its ranks and alphas win
+            load_kohya_lora(config.network_weights, unet, text_encoder, text_encoder_2=text_encoder_2)
             note = network_weights_note(config)
             if note:
                 print(note)
@@ -381,7 +421,7 @@ class LoRANetwork:
             inject_lora(unet, text_encoder, network_dim=config.network_dim, network_alpha=config.network_alpha,
                         train_unet=config.train_unet, train_text_encoder=config.train_text_encoder,
                         conv_dim=self.options["conv_dim"], conv_alpha=self.options["conv_alpha"])
-        if text_encoder_2 is not None and config.train_text_encoder:
+        if text_encoder_2 is not None and config.train_text_encoder and not config.network_weights:
             # kohya networks/lora.py (is_sdxl): both text encoders get TEXT_ENCODER_TARGET_REPLACE_MODULE
             # with network_dim/network_alpha (prefixes lora_te1_/lora_te2_)
             alpha = _kohya_alpha(config.network_alpha, config.network_dim)

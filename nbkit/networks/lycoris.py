@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from nbkit.errors import ConfigError
-from nbkit.networks.base import split_network_args
 from nbkit.formats.lycoris import group_lycoris, lycoris_stem, resolve_stems
+from nbkit.networks.base import split_network_args
 
 #: network_args algo -> LyCORIS module class (``lycoris/wrapper.py::network_module_dict``)
 ALGOS = {"lora": "LoConModule", "locon": "LoConModule", "loha": "LohaModule", "lokr": "LokrModule"}
@@ -45,6 +45,10 @@ ALGOS = {"lora": "LoConModule", "locon": "LoConModule", "loha": "LohaModule", "l
 OTHER_ALGOS = ("ia3", "dylora", "glora", "full", "diag-oft", "boft", "tlora")
 #: kohya's U-Net class names (library/original_unet.py) -> the diffusers classes of the same blocks
 CLASS_ALIASES = {"Attention": "CrossAttention"}
+#: module classes of kohya's SDXL U-Net (library/sdxl_original_unet.py) a preset can name; diffusers'
+#: TimestepEmbedding (time_embedding, add_embedding) is an nn.Sequential there (time_embed, label_emb)
+KOHYA_SDXL_UNET_CLASSES = frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D", "CrossAttention", "GEGLU",
+                                     "FeedForward", "BasicTransformerBlock", "Transformer2DModel"})  # fmt: skip
 ADAPTER = "lycoris"  # attribute of the adapted layer that holds its LyCORIS module
 _BOOLS = {"true": True, "false": False}
 #: lycoris.kohya options nbkit does not support, and why
@@ -217,28 +221,50 @@ def preset_targets(preset: str, where="config") -> dict:
 # ----------------------------------------------------------------------------- module selection
 
 
-def lycoris_targets(model: nn.Module, part: str, preset: Mapping) -> list[tuple[str, nn.Module]]:
+def lycoris_targets(
+    model: nn.Module, part: str, preset: Mapping, rename: Callable[[str], str | None] | None = None
+) -> list[tuple[str, nn.Module]]:
     """``[(path, layer)]`` LyCORIS adapts in a model part for a preset, in its order
-    (``lycoris/kohya.py::LycorisNetworkKohya.__init__``: ``create_modules`` / ``create_modules_``)."""
+    (``lycoris/kohya.py::LycorisNetworkKohya.__init__``: ``create_modules`` / ``create_modules_``).
+
+    ``rename``: the module name the kohya model has for a path (None: no such module), for the SDXL
+    U-Net, which kohya builds as ``library/sdxl_original_unet.py`` with SGM names: the preset's names
+    and ``exclude_name`` patterns are matched against those (``conv_in``, ``conv_out`` and
+    ``time_embedding.linear_1/2`` of the ``full`` preset name nothing there: kohya's are
+    ``input_blocks.0.0``, ``out.2``, ``time_embed.0/2``), while the target classes
+    (``Transformer2DModel``, ``ResnetBlock2D``, ``Downsample2D``, ``Upsample2D``) carry the same class
+    names and hold the same Linear/Conv layers in both U-Nets; a diffusers class kohya's SDXL U-Net
+    does not have (``TimestepEmbedding``) matches nothing."""
     kind = "unet" if part == "unet" else "text_encoder"
     classes = set(preset.get(f"{kind}_target_module") or [])
     patterns = list(preset.get(f"{kind}_target_name") or [])
     excluded = list(preset.get("exclude_name") or [])
     match: Callable = fnmatch.fnmatch if preset.get("use_fnmatch") else (lambda p, n: re.match(p, n) is not None)
 
-    def is_excluded(name: str) -> bool:
+    def kohya_name(path: str) -> str | None:
+        return path if rename is None or not path else rename(path)
+
+    def is_excluded(name: str | None) -> bool:
         return bool(name) and (name in excluded or any(match(p, name) for p in excluded))
+
+    def named(name: str | None) -> bool:
+        return name is not None and (name in patterns or any(match(p, name) for p in patterns))
 
     found: dict[str, nn.Module] = {}  # the same path twice is one module (LyCORIS 4.1.3 asserts instead)
     for name, module in model.named_modules():
-        if is_excluded(name) or ADAPTER in name.split("."):
+        kname = kohya_name(name)
+        if is_excluded(kname) or ADAPTER in name.split("."):
             continue
         cls = type(module).__name__
-        if (cls in classes or CLASS_ALIASES.get(cls) in classes) and not any(match(p, name) for p in patterns):
+        cls = CLASS_ALIASES.get(cls, cls) if cls not in classes else cls
+        if rename is not None and cls not in KOHYA_SDXL_UNET_CLASSES:
+            cls = None
+        if cls in classes and not named(kname):
             for path, child in module.named_modules(prefix=name):
-                if path != name and not is_excluded(path) and ADAPTER not in path.split(".") and _layer_kind(child):
+                if (path != name and not is_excluded(kohya_name(path)) and ADAPTER not in path.split(".")
+                        and _layer_kind(child)):  # fmt: skip
                     found.setdefault(path, child)
-        elif (name in patterns or any(match(p, name) for p in patterns)) and _layer_kind(module):
+        elif named(kname) and _layer_kind(module):
             found.setdefault(name, module)
     return list(found.items())
 
@@ -281,19 +307,19 @@ class LycorisNetwork:
                   "text_encoder_2": self.config.train_text_encoder}  # fmt: skip
         preset = preset_targets(self.args.preset)
         sdxl = "text_encoder_2" in self.models
-        if sdxl and trains["unet"] and "unet" in self.models:
-            raise ConfigError("network_module = lycoris.kohya on SDXL: kohya's LyCORIS picks and names SDXL U-Net "
-                              "modules on its SAI-layout U-Net (sdxl_original_unet.py: lora_unet_input_blocks_4_1_..., "
-                              "no conv_in/time_embedding), which nbkit does not map yet; train the text encoders only "
-                              "(network_train_text_encoder_only = true) or an SD1.x/SD2.x model")
+        # SDXL: kohya's LyCORIS sees the SAI-layout U-Net (sdxl_original_unet.py), so U-Net modules are picked
+        # and named by their SGM paths (lora_unet_input_blocks_4_1_...; formats/kohya_sdxl.py)
+        unet_config = dict(self.models["unet"].config) if sdxl and "unet" in self.models else None
         # LyCORIS builds the text encoders' modules first, then the U-Net's (the init RNG order)
         for part in ("text_encoder", "text_encoder_2", "unet"):
             model = self.models.get(part)
             if model is None or not trains[part]:
                 continue
             made = {}
-            for path, layer in lycoris_targets(model, part, preset):
-                lora = self._make(lycoris_stem(part, path, sdxl=sdxl), layer, bool(preset.get("enable_conv", True)))
+            config = unet_config if part == "unet" else None
+            for path, layer in lycoris_targets(model, part, preset, _sgm_renamer(config)):
+                stem = lycoris_stem(part, path, sdxl=sdxl, unet_config=config)
+                lora = self._make(stem, layer, bool(preset.get("enable_conv", True)))
                 if lora is not None:
                     made[lora.lora_name] = self._attach(lora, layer)
             if made:  # a preset may leave a part out (unet-only): LyCORIS then adapts none of it either
@@ -352,7 +378,8 @@ class LycorisNetwork:
             state.setdefault(f"{stem}.alpha", torch.tensor(float(module.rank)))
         names = {part: [n for n, _ in m.named_modules()] for part, m in self.models.items()}
         names.update({p: None for p in ("unet", "text_encoder", "text_encoder_2") if p not in names})
-        where = resolve_stems(modules, names, str(path))
+        sdxl = "text_encoder_2" in self.models and "unet" in self.models
+        where = resolve_stems(modules, names, str(path), dict(self.models["unet"].config) if sdxl else None)
         args = self.args
         with torch.no_grad():
             for stem, (part, module_path) in where.items():
@@ -418,6 +445,21 @@ class LycorisNetwork:
             return next(iter(values)) if len(values) == 1 else "Dynamic"
 
         return tuple((one(d), one(a)) if d else (None, None) for d, a in (groups[False], groups[True]))
+
+
+def _sgm_renamer(unet_config: Mapping | None) -> Callable[[str], str | None] | None:
+    """diffusers U-Net path -> the SGM path kohya's SDXL U-Net has (None where it has no such module)."""
+    if unet_config is None:
+        return None
+    from nbkit.formats.kohya_sdxl import sgm_unet_path
+
+    def rename(path: str) -> str | None:
+        try:
+            return sgm_unet_path(path, unet_config)
+        except ValueError:
+            return None
+
+    return rename
 
 
 def _module_from_file(lycoris_modules, stem: str, layer: nn.Module, module, state: Mapping[str, torch.Tensor]):

@@ -125,7 +125,7 @@ def test_network_weights_start_from_the_sdxl_file(network, request, sdxl_model):
     """An SDXL kohya file given as network_weights: every tensor of the file comes back out of the
     injected network tensor for tensor (names, ranks, alphas: a swapped SGM mapping or a lost alpha
     fails), and the fresh model then equals the one nbkit trained."""
-    from nbkit.networks.lora import LoRANetwork
+    from nbkit.networks.lora_network import LoRANetwork
 
     trained = request.getfixturevalue(network)
     file_sd = load_file(str(trained.lora_path))

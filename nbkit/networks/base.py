@@ -35,7 +35,7 @@ from nbkit.errors import ConfigError
 
 #: kohya ``network_module`` name -> "python.module:Class" of its plug-in
 NETWORKS: dict[str, str] = {
-    "networks.lora": "nbkit.networks.lora:LoRANetwork",
+    "networks.lora": "nbkit.networks.lora_network:LoRANetwork",
     "lycoris.kohya": "nbkit.networks.lycoris:LycorisNetwork",
 }
 

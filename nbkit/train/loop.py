@@ -28,9 +28,9 @@ from nbkit.train.state import Progress, load_state, restore_python_rng, rng_to_j
 
 def train(method, datasets: list, hooks=None, pipeline=None, model_info=None, device=None):
     """Run ``method`` (its ``config`` holds the options) on ``datasets``; returns ``method.result``."""
-    config = method.config
     # ---- checks that need no model: a bad dataset or resume must not wait for a 4 GB load
     datasets = method.check(datasets)
+    config = method.config  # as checked (a method may complete its config there)
     run = start_run(config, datasets, hooks, device)
     state_path = method.resume_path(run)
     accelerator, hooks = run.accelerator, run.hooks

@@ -174,7 +174,7 @@ def _a1111_parameters(prompt: SamplePrompt, sampler: str, seed: int, size: tuple
 
 
 def _models(pipeline) -> list[torch.nn.Module]:
-    names = ("unet", "text_encoder", "vae")
+    names = ("unet", "text_encoder", "text_encoder_2", "vae")  # text_encoder_2: SDXL
     return [m for m in (getattr(pipeline, n, None) for n in names) if isinstance(m, torch.nn.Module)]
 
 
@@ -283,6 +283,8 @@ def _encode_clip_skip(pipeline, clip_skip: int, texts: list[str]) -> torch.Tenso
     (diffusers' own ``clip_skip`` reaches for ``text_encoder.text_model``, which transformers 5
     removed, and counts from 0 where kohya counts from 1.)"""
     tokenizer, text_encoder = pipeline.tokenizer, pipeline.text_encoder
+    if hasattr(pipeline, "maybe_convert_prompt"):  # a multi-vector embedding's token -> all its tokens (diffusers)
+        texts = [pipeline.maybe_convert_prompt(text, tokenizer) for text in texts]
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids.to(_device_of(text_encoder))
     hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]

@@ -12,7 +12,8 @@ from nbkit._version import __version__
 
 # Modules with an ``add_commands(subparsers)`` function: ``nbkit dataset ...``, ``nbkit tag ...``.
 COMMAND_MODULES = ("nbkit.data.cli", "nbkit.tag.cli", "nbkit.merge.cli",
-                   "nbkit.networks.hypernetwork.cli", "nbkit.export.cli", "nbkit.estimate.cli")
+                   "nbkit.networks.hypernetwork.cli", "nbkit.export.cli", "nbkit.estimate.cli",
+                   "nbkit.generate")
 
 
 def _cmd_make_tiny_model(args) -> int:
@@ -55,6 +56,20 @@ def _cmd_train_dreambooth(args) -> int:
     return 0
 
 
+def _cmd_train_textual_inversion(args) -> int:
+    from nbkit.train.hooks import ProgressHooks
+    from nbkit.train.run_file import config_from_args, resolve_datasets
+    from nbkit.train.textual_inversion import train_textual_inversion
+    from nbkit.train.textual_inversion_config import TextualInversionTrainConfig
+
+    config, inline, base_dir = config_from_args(args, TextualInversionTrainConfig)
+    datasets = resolve_datasets(config, inline, base_dir)
+    result = train_textual_inversion(config, datasets, hooks=ProgressHooks("embedding"))
+    if result.main_process:
+        print(f"embedding: {result.embedding_path} ({result.steps} steps; prompt word {result.tokens[0]!r})")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from nbkit.demo import run_demo
 
@@ -79,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     from nbkit.config import add_dataclass_arguments
     from nbkit.train.config import LoRATrainConfig
     from nbkit.train.dreambooth_config import DreamBoothTrainConfig
+    from nbkit.train.textual_inversion_config import TextualInversionTrainConfig
 
     parser = NbkitArgumentParser(prog="nbkit", description="Train Stable Diffusion add-ons on a free Colab GPU. "
                                  "Flags take kohya's spelling (--network_dim); dashes instead of underscores work too.")
@@ -105,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     dreambooth.add_argument("--config", help="run TOML (kohya option names; train_data_dir, dataset inline or dataset_config)")
     add_dataclass_arguments(dreambooth, DreamBoothTrainConfig)
     dreambooth.set_defaults(func=_cmd_train_dreambooth)
+    embedding = methods.add_parser("textual_inversion", help="train a textual-inversion embedding (kohya "
+                                   "train_textual_inversion names; SD1, SD2, SDXL)")
+    embedding.add_argument("--config", help="run TOML (kohya option names; dataset inline or via dataset_config)")
+    add_dataclass_arguments(embedding, TextualInversionTrainConfig)
+    embedding.set_defaults(func=_cmd_train_textual_inversion)
     sub._nbkit_train_methods = methods  # COMMAND_MODULES may add `nbkit train <method>` here
 
     for module in COMMAND_MODULES:  # each feature area adds its own subcommands

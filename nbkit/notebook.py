@@ -320,7 +320,8 @@ class NotebookProject:
         return trainer(method)(config, self.datasets(config, method), hooks=hooks)
 
     def preview(self, pipeline, config, prompts: str | Path | None = None, step: int = 0):
-        """Render the preview prompts with ``pipeline`` into ``<project>/samples``; returns a labelled grid."""
+        """Render the preview prompts with ``pipeline`` into ``<output_dir>/sample`` (where the run's own
+        previews are); returns a grid labelled with the prompts."""
         from nbkit.data.gallery import make_grid
         from nbkit.train.sample_prompts import SamplePrompt, load_sample_prompts
         from nbkit.train.sampling import generate_samples
@@ -328,9 +329,46 @@ class NotebookProject:
         source = prompts or config.sample_prompts
         items = load_sample_prompts(source) if source else [SamplePrompt("a photo")]
         results = generate_samples(pipeline, items, default_sampler=config.sample_sampler, step=step, epoch=None,
-                                   output_dir=self.project.samples_dir, output_name=config.output_name,
+                                   output_dir=config.output_dir, output_name=config.output_name,
                                    default_size=config.resolution, base_seed=config.seed, clip_skip=config.clip_skip)
         return make_grid([(image, p.prompt) for p, image, _ in results], columns=min(4, len(results)), thumb=256)
+
+
+    def fit_or_stop(self, check, config):
+        """After the pre-flight check: the config to train with. A run that fits is trained as it is; one that
+        does not gets the estimator's fix (printed), or, when there is none, stops here with the reason
+        instead of running out of memory later. Demo mode trains the tiny model anyway (it fits any GPU)."""
+        if check.ok or self.demo:
+            return config
+        if check.fitted_config is not None:
+            print("the pre-flight check's changes are applied so the run fits (see the list above)")
+            return check.fitted_config
+        raise RuntimeError("this run does not fit this GPU and the check found no change that makes it fit: "
+                           "lower resolution or train_batch_size in the form above, then run the cells again")
+
+    def xy_grid(self, method: str = "lora", strengths=None, limit: int = 5, show: bool = False):
+        """The A1111-style X/Y grid of a run: rows are the base model and the run's saved files (oldest
+        first, at most ``limit``), or the final file at ``strengths``; columns are the preview prompts, with
+        the same seeds. Saved as ``<project>/samples/<output_name>-xy.png``; the grid shows as a cell's
+        last expression."""
+        import torch
+
+        from nbkit.generate import Axis, xy_grid
+        from nbkit.models.load import load_pipeline
+        from nbkit.train.sample_prompts import load_sample_prompts
+
+        config = self.config(method)
+        self.latest(method)  # a clear error naming the training notebook when there is nothing yet
+        files = sorted(self.outputs(method), key=lambda p: (p.stem == config.output_name, p.stat().st_mtime))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipeline, _ = load_pipeline(config.pretrained_model_name_or_path, v2=config.v2, device=device,
+                                    v_parameterization=config.v_parameterization,
+                                    torch_dtype=torch.float16 if device == "cuda" else torch.float32)
+        prompts = [p.to_line() for p in load_sample_prompts(config.sample_prompts or self.sample_prompts)]
+        rows = Axis.strengths(strengths) if strengths else Axis.files([None, *files[-limit:]])
+        return xy_grid(pipeline, rows=rows, cols=Axis.prompts(prompts), network=files[-1], seed=config.seed,
+                       default_size=config.resolution, sampler=config.sample_sampler, clip_skip=config.clip_skip,
+                       out=self.project.samples_dir / f"{config.output_name}-xy.png", show=show)
 
 
 def open_project(name: str, root: str | Path | None = None, step: str | None = None,
@@ -358,6 +396,8 @@ def open_project(name: str, root: str | Path | None = None, step: str | None = N
         if drive and root is None:
             _mount_drive_quietly()
         session = NotebookProject(Project.open(name, root))
+        if "/drive/" in str(session.project.root):  # on Drive: downloads survive a runtime reset
+            use_download_cache(session.project.root)
     if verbose:
         print(project_summary(session))
     if step == "train":  # the training cells call the trainers directly: torch's CPU threads are set here
@@ -367,6 +407,24 @@ def open_project(name: str, root: str | Path | None = None, step: str | None = N
         if note and verbose:
             print(note)
     return session
+
+
+def use_download_cache(projects_root: str | Path) -> Path:
+    """Send this runtime's model downloads (Hugging Face repos and URL files) to ``<projects root>/_cache``
+    unless ``HF_HUB_CACHE`` / ``NBKIT_CACHE_DIR`` say otherwise, so base models and taggers are downloaded
+    once onto Drive instead of after every runtime reset."""
+    import os
+    import sys
+
+    from nbkit.models.catalog import cache_dir_for
+
+    cache = cache_dir_for(projects_root)
+    os.environ.setdefault("NBKIT_CACHE_DIR", str(cache))
+    os.environ.setdefault("HF_HUB_CACHE", str(cache / "huggingface"))
+    constants = sys.modules.get("huggingface_hub.constants")
+    if constants is not None:  # already imported: its cache path was read at import time
+        constants.HF_HUB_CACHE = os.environ["HF_HUB_CACHE"]
+    return cache
 
 
 def _mount_drive_quietly() -> None:

@@ -72,6 +72,15 @@ def common(step: str) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------------------------- 00
 SETUP = [
+    ("""**0. Demo mode (optional).** `DEMO = True` switches this runtime to the demo: a tiny model built from code,
+a drawn sample dataset and runs of a few steps, so every notebook runs on a CPU in minutes and downloads
+nothing. It stays on until the runtime restarts. Leave it `False` to train for real.""",
+     """import os
+
+DEMO = False  # True: tiny model, sample data, short runs (no GPU needed)
+if DEMO:
+    os.environ["NBKIT_DEMO"] = "1"
+print("demo mode" if os.environ.get("NBKIT_DEMO") == "1" else "real mode: your data, real models")"""),
     ("""**1. Install.** The cell installs nbkit from `NBKIT_SOURCE` only when it is missing; rerunning it is
 instant. The source is a git URL with a branch or release tag after the `@` (pin a tag to keep a class on one
 version), a folder on Drive holding a copy of the repository (edit nbkit there, reset the runtime, rerun), or
@@ -249,10 +258,12 @@ The caption editor shows each image with its caption: fix what the tagger got wr
 
 CaptionEditor(session.dataset_dir)"""),
     ("""## 6. Check the result
-The gallery again, now with the captions the trainer will read. Next: `03_configure`.""",
+The gallery again, now with the captions the trainer will read, and each image's bucket at the
+resolution the run will use. Next: `03_configure`.""",
      """from nbkit.data.gallery import dataset_gallery
 
-dataset_gallery(session.project, limit=24, show=False)"""),
+resolution = session.config("lora").resolution
+dataset_gallery(session.project, limit=24, resolution=resolution, show=False)"""),
 ]
 
 # ----------------------------------------------------------------------------------------------- 03
@@ -274,6 +285,13 @@ print(f"preview prompts: {session.write_sample_prompts(PROMPTS)}")"""),
 - **DreamBooth** (05): fine-tunes the whole U-Net; strongest likeness, a 2 GB model file. Fits a T4 at 512 px
   with 8-bit AdamW, gradient checkpointing and a frozen text encoder.
 - **Hypernetwork** (06): A1111's small networks on attention keys and values; mostly for styles.
+
+**Base model**: the menu above the fields lists tested starting points (SD1.5, SD2.1, SDXL and widely used
+anime and photo models for SD1 and SDXL, each with its licence). Choosing one fills in its source and the
+settings its architecture needs: 1024 px and the T4 memory settings for SDXL, 768 px and
+`v_parameterization` for v-prediction models. For your own model choose "my own file, URL or Drive path"
+and type it into `pretrained_model_name_or_path`. Models download once into the `_cache` folder beside your
+projects (on Drive), so a runtime reset does not download them again.
 
 The form starts from the T4 preset of the method (or your saved `run-<method>.toml`). The settings that
 matter on a T4: `resolution` 512 (SD1.5); `train_batch_size` 1-2; `mixed_precision` fp16 (a T4 has no bf16);
@@ -337,23 +355,39 @@ from nbkit.ui.preflight import preflight
 config = form.config()
 form.save()
 datasets = session.datasets(config, "{method}")
-preflight(config, "{method}", datasets, gpu=gpu_info())"""),
+check = preflight(config, "{method}", datasets, gpu=gpu_info())
+check"""),
         ("""## 3. Train
 The monitor shows progress with the time left, the loss curve, the preview images as they are made, and a
 **Stop** button (it stops after the current step and saves the file and the state, so nothing is lost).
 A diffusion loss is noisy and hardly falls; what matters is that it stays finite (NaN: stop, lower the
-learning rate) and that the previews move towards your subject without turning oversaturated.""",
+learning rate) and that the previews move towards your subject without turning oversaturated. If the
+pre-flight check said the run does not fit, its changes are applied first (or the cell stops with the
+reason) rather than running out of memory an hour in.""",
          f"""from {module} import {function}
 from nbkit.ui.monitor import TrainingMonitor
 
+config = session.fit_or_stop(check, config)  # the pre-flight fix, or a stop with the reason
 monitor = TrainingMonitor(config, title="{title}")
 display(monitor)
 result = {function}(config, datasets, hooks=monitor)"""),
         ("""## 4. Try it
-The preview prompts rendered with the trained result (same seeds as during training), saved in the
-project's `samples/` folder. Compare with the base model in 07_merge.""",
+The preview prompts rendered with the trained result (same seeds as during training), saved with the
+run's own previews in `output/sample/`. Compare with the base model in 07_merge.""",
          """session.preview(result.pipeline, config)"""),
-        ("""## 5. Files
+    ] + ([] if method == "dreambooth" else [
+        ("""## 5. Pick the best save: an X/Y grid
+AUTOMATIC1111's X/Y plot: one row per saved file (the base model on top, then the saves in order), one
+column per preview prompt, the same seed down each column, so a row differs from the next only by training.
+Look for the earliest row where the subject is right; later rows that turn oversaturated or copy the
+training images are overtrained. `strengths=[0.5, 0.75, 1.0]` instead compares strengths of the final file.
+The grid is saved as `samples/<name>-xy.png`. From a terminal: `nbkit generate MODEL --files ... --prompt ...`
+(prompts may carry A1111 tags like `<lora:name:0.8>`).""",
+         f"""grid = session.xy_grid("{method}")  # or strengths=[0.5, 0.75, 1.0]
+print(f"saved {{grid.path}}")
+grid"""),
+    ]) + [
+        ("""## Files
 What the run wrote to the project (final file first). Intermediate saves let you pick an earlier, less
 overtrained version. Next: `07_merge` (resize, bake into a checkpoint, compare) or `08_export`.""",
          f"""for path in session.outputs("{method}"):
@@ -537,8 +571,9 @@ Drive for your project folder and, if you want, logs in to the Hugging Face Hub.
 says whether everything is ready. Rerunning it is quick and changes nothing. Every later notebook also works
 on its own after a runtime reset: it reinstalls nbkit if needed and reads the project folder.
 
-**No GPU?** Put `%env NBKIT_DEMO=1` in a cell before the others (in any notebook): the whole suite then runs
-on a tiny model and a drawn sample dataset, with runs of a few steps, in minutes on a CPU.
+**No GPU?** Set `DEMO = True` in the first cell below and run it (in any other notebook, put
+`%env NBKIT_DEMO=1` in a cell before the others): the whole suite then runs on a tiny model and a drawn
+sample dataset, with runs of a few steps, in minutes on a CPU.
 
 The notebooks, in order: `01_dataset` → `02_tag` → `03_configure` → `04_train_lora` / `05_train_dreambooth` /
 `06_train_hypernetwork` → `07_merge` → `08_export`.""", SETUP),

@@ -107,3 +107,47 @@ def test_all_notebooks_run_in_demo_mode(tmp_path, monkeypatch):
     assert (project / "output" / "dreambooth-merged-0.5.safetensors").is_file()
     assert (home / "_demo" / "_nbkit_demo" / "drive-standin" / "Lora" / "my-lora-lora.safetensors").is_file()
     assert (tmp_path / "nbkit-demo" / "output" / "demo_lora.safetensors").is_file()  # the quick start
+
+
+def test_model_card_names_the_optimizer_as_users_choose_it():
+    from nbkit.export.model_card import optimizer_name
+
+    assert optimizer_name("torch.optim.adamw.AdamW") == "AdamW"
+    assert optimizer_name("bitsandbytes.optim.adamw.AdamW8bit(weight_decay=0.01)") == "AdamW8bit(weight_decay=0.01)"
+    assert optimizer_name("AdamW8bit") == "AdamW8bit"
+
+
+def _run_demo(names, tmp_path, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    home = tmp_path / "home"
+    for key, value in {"NBKIT_DEMO": "1", "NBKIT_HOME": str(home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                       "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1",
+                       "MPLBACKEND": "module://matplotlib_inline.backend_inline"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    done = {}
+    for name in names:
+        nb = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4)
+        NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        done[name] = nb
+    return home / "_demo" / "my-lora", done
+
+
+def test_lora_notebook_in_demo_mode_writes_nothing_to_stderr_and_draws_the_xy_grid(tmp_path, monkeypatch):
+    """A normal run shows no warning boxes: not one stderr line (progress shows in widgets, not stderr)."""
+    project, done = _run_demo(["03_configure", "04_train_lora"], tmp_path, monkeypatch)
+    for name, nb in done.items():
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert not [o for o in outputs if o.output_type == "error"], name
+        stderr = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+        assert not stderr, f"{name} wrote to stderr: {stderr[:3]}"
+    grid = project / "samples" / "my-lora-lora-xy.png"
+    from nbkit.generate import read_grid_info
+
+    info = read_grid_info(grid)
+    assert info["row_labels"][0] == "base model" and len(info["row_labels"]) >= 3  # base, a save, the final file
+    assert len(info["col_labels"]) == 2 and info["seeds"][0] == info["seeds"][-1]
+    assert not (project / "samples" / "sample").exists(), "previews belong with the run's in output/sample"
+    assert any((project / "output" / "sample").glob("my-lora-lora_*.png"))

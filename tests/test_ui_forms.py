@@ -217,3 +217,18 @@ def test_text_parsing_rules():
     with pytest.raises(ValueError, match="quot"):
         parse_text(info["optimizer_args"], "a='b")
     assert parse_text(info["clip_skip"], "") is None and parse_text(info["output_name"], "") == ""
+
+
+def test_base_model_menu_sets_the_architecture_defaults():
+    form = ConfigForm(LoRATrainConfig(pretrained_model_name_or_path="gsdf/Counterfeit-V2.5"))
+    assert form.base_menu.value == "counterfeit-v2.5"  # a known source shows as its entry
+    form.base_menu.value = "noobai-xl-vpred-1.0"
+    config = form.config()
+    assert (config.pretrained_model_name_or_path, config.resolution) == ("Laxhar/noobai-XL-Vpred-1.0", 1024)
+    assert config.v_parameterization and config.zero_terminal_snr and config.network_train_unet_only
+    assert "fair-ai-public-license" in form.base_help.value
+    form.base_menu.value = "sd21"
+    assert (form.config().resolution, form.config().v2, form.config().v_parameterization) == (768, True, True)
+    form.set_config(LoRATrainConfig(pretrained_model_name_or_path="/content/drive/MyDrive/mine.safetensors"))
+    assert form.base_menu.value == ""  # "my own file, URL or Drive path"
+    assert form.config().pretrained_model_name_or_path.endswith("mine.safetensors")

@@ -147,8 +147,15 @@ def _settings(kind: str, options: dict[str, Any], meta: dict[str, Any]) -> dict[
         if value in (None, "None", ""):
             value = options.get(name)
         if value not in (None, "None", "", []):
-            out[name] = str(public_value(value))
+            out[name] = optimizer_name(str(value)) if name == "optimizer_type" else str(public_value(value))
     return out
+
+
+def optimizer_name(value: str) -> str:
+    """kohya's ``ss_optimizer`` is the class path (``torch.optim.adamw.AdamW``, with its arguments in
+    brackets); the card shows the name users choose (``AdamW``, ``AdamW8bit(weight_decay=0.01)``)."""
+    head, bracket, args = value.partition("(")
+    return head.strip().rsplit(".", 1)[-1] + bracket + args
 
 
 def gather_facts(repo_id: str, kind: str, model: Path, weight_files: list[str], *, options: dict[str, Any],

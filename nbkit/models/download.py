@@ -37,6 +37,12 @@ HUB_ALLOW_PATTERNS = [
     "*/diffusion_pytorch_model-*-of-*.safetensors",
     "text_encoder/model.safetensors.index.json",
     "text_encoder/model-*-of-*.safetensors",
+    # SDXL: the second text encoder (OpenCLIP bigG) and its tokenizer
+    "tokenizer_2/*",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "text_encoder_2/model.safetensors.index.json",
+    "text_encoder_2/model-*-of-*.safetensors",
 ]
 HUB_BIN_PATTERNS = {
     "unet": "unet/diffusion_pytorch_model.bin",

@@ -101,6 +101,8 @@ class ConfigForm:
         self.preset_menu = W.Dropdown(options=[NO_PRESET, *[p.name for p in self.presets]], description="preset")
         self.preset_help = W.HTML()
         self.preset_menu.observe(self._on_preset, names="value")
+        self.base_menu = self._base_model_menu() if "pretrained_model_name_or_path" in self.controls else None
+        self.base_help = W.HTML()
         self.save_button = W.Button(description="Save", icon="save", tooltip="Write the settings to the file")
         self.load_button = W.Button(description="Load", icon="folder-open", tooltip="Read the settings from the file")
         self.save_button.on_click(lambda _b: self._button(self.save))
@@ -127,12 +129,51 @@ class ConfigForm:
         parts: list[W.Widget] = [W.HTML(f"<h3 style='margin:4px 0'>{html.escape(title)}</h3>")]
         if self.presets:
             parts.append(W.VBox([self.preset_menu, self.preset_help]))
+        if self.base_menu is not None:
+            parts.append(W.VBox([self.base_menu, self.base_help]))
         parts.append(W.VBox(basic))
         if advanced:
             self.advanced = W.Accordion(children=[W.VBox(advanced)], titles=(f"Advanced ({len(advanced)} options)",))
             parts.append(self.advanced)
         parts += [self.message, W.HBox([self.path_text, self.save_button, self.load_button]), self.status]
         return W.VBox(parts)
+
+    def _base_model_menu(self) -> W.Dropdown:
+        from nbkit.models.catalog import BASE_MODELS, OWN_MODEL
+
+        options = [(OWN_MODEL, "")] + [(m.label, m.key) for m in BASE_MODELS.values()]
+        menu = W.Dropdown(options=options, value="", description="base model", style={"description_width": "90px"},
+                          layout=W.Layout(width="560px"))
+        menu.observe(lambda change: self.use_base_model(change["new"]) if change["new"] else None, names="value")
+        return menu
+
+    def use_base_model(self, key: str) -> None:
+        """Choose a model from :data:`nbkit.models.catalog.BASE_MODELS`: its source and its architecture's
+        defaults (resolution, SD2 / v-prediction flags, SDXL's T4 settings) go into the form."""
+        from nbkit.models.catalog import BASE_MODELS, base_model_values
+
+        entry = BASE_MODELS[key]
+        method = next((m for c, m in METHODS.items() if issubclass(self.cls, c)), "lora")
+        for name, value in base_model_values(entry, method).items():
+            if name in self.controls:
+                self.controls[name].set(value)
+        if self.base_menu is not None and self.base_menu.value != key:
+            self.base_menu.value = key
+        extra = "" if entry.verified else " The source was not verified when the list was written."
+        self.base_help.value = (f"<small>{html.escape(entry.arch.upper())}, {html.escape(entry.prediction)}, "
+                                f"{entry.resolution} px; licence {html.escape(entry.licence)}. "
+                                f"{html.escape(entry.notes + extra)}</small>")
+
+    def _show_base_model(self) -> None:
+        from nbkit.models.catalog import base_model
+
+        if self.base_menu is None:
+            return
+        entry = base_model(self.controls["pretrained_model_name_or_path"].input.value.strip())
+        with self.base_menu.hold_trait_notifications():
+            self.base_menu.unobserve_all("value")
+            self.base_menu.value = entry.key if entry else ""
+            self.base_menu.observe(lambda c: self.use_base_model(c["new"]) if c["new"] else None, names="value")
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
@@ -145,6 +186,7 @@ class ConfigForm:
         for name, control in self.controls.items():
             control.set(getattr(config, name))
         self.message.value = ""
+        self._show_base_model()
 
     def apply_preset(self, name: str) -> None:
         """Set the preset's values in the form (the other fields keep theirs), as ``apply_preset``."""

@@ -21,6 +21,7 @@ class Preset:
     description: str
     values: dict[str, Any] = field(default_factory=dict)
     gpu_gib: float | None = 15.0  # the GPU memory the preset is meant to fit (None: CPU)
+    arch: str = "sd15"  # the base model family it is made for (nbkit.estimate's arch names): sd15 | sdxl
 
 
 PRESETS: dict[str, Preset] = {
@@ -33,6 +34,17 @@ PRESETS: dict[str, Preset] = {
             {"resolution": 512, "train_batch_size": 2, "network_dim": 32, "network_alpha": 16.0,
              "mixed_precision": "fp16", "optimizer_type": "AdamW8bit", "gradient_checkpointing": True,
              "cache_latents": True, "sdpa": True, "learning_rate": 1e-4, "unet_lr": 1e-4, "text_encoder_lr": 5e-5},
+        ),
+        Preset(
+            "T4 SDXL LoRA", "lora",
+            "SDXL LoRA (SDXL base, Pony, Illustrious, NoobAI) at 1024 px on a free Colab T4: U-Net only, dim 32/alpha "
+            "16, batch 1, fp16 autocast with an fp32 VAE for the latents, AdamW8bit, gradient checkpointing, cached "
+            "latents and text-encoder outputs (both text encoders leave the GPU).",
+            {"resolution": 1024, "train_batch_size": 1, "network_dim": 32, "network_alpha": 16.0,
+             "mixed_precision": "fp16", "no_half_vae": True, "optimizer_type": "AdamW8bit",
+             "gradient_checkpointing": True, "cache_latents": True, "cache_text_encoder_outputs": True,
+             "network_train_unet_only": True, "sdpa": True, "learning_rate": 1e-4, "unet_lr": 1e-4},
+            arch="sdxl",
         ),
         Preset(
             "T4 DreamBooth", "dreambooth",

@@ -30,7 +30,7 @@ def _preset_config(name: str):
 
 
 def _preset_setting(name: str) -> Setting:
-    return setting_from_config(_preset_config(name), PRESETS[name].method)
+    return setting_from_config(_preset_config(name), PRESETS[name].method, arch=PRESETS[name].arch)
 
 
 FIT_ROWS = [row for row in published_rows() if row.memory_fit]

@@ -114,7 +114,7 @@ def test_setting_takes_the_training_options_from_the_configs():
 
     classes = {c.__name__: c for c in (TrainConfig, LoRATrainConfig, DreamBoothTrainConfig, HypernetworkTrainConfig)}
     fields = {f.name: f for f in dataclasses.fields(Setting)}
-    assert len(MIRRORED) == 16 and set(MIRRORED) <= set(fields)
+    assert len(MIRRORED) == 18 and set(MIRRORED) <= set(fields)
     declared_here = {"train_text_encoder", "use_ema", "ema_on_cpu"}
     assert {name for name, owner in MIRRORED.items() if owner == "DreamBoothTrainConfig"} == declared_here
     for name, owner in MIRRORED.items():
@@ -126,7 +126,7 @@ def test_setting_takes_the_training_options_from_the_configs():
         assert fields[name].metadata["mirrors"] == f"{owner}.{name}"
         if name in declared_here:
             assert fields[name].type is bool and config_field.type == "bool", name
-        elif name != "layer_structure":
+        elif name not in ("layer_structure", "network_args"):  # tuples here (hashable), lists there
             assert fields[name].type == config_field.type, name
             assert fields[name].metadata.get("help") == config_field.metadata.get("help"), name
     assert Setting("lora").layer_structure == (1.0, 2.0, 1.0)
@@ -153,7 +153,8 @@ def test_a_changed_config_default_reaches_the_setting_and_a_removed_option_is_na
 CHANGED = {"resolution": 640, "train_batch_size": 3, "gradient_checkpointing": False, "optimizer_type": "Lion",
            "mixed_precision": "bf16", "network_dim": 48, "conv_dim": 4, "use_ema": True, "cache_latents": False,
            "cache_text_encoder_outputs": True, "gradient_accumulation_steps": 2, "ema_on_cpu": False, "sdpa": False,
-           "max_token_length": 150, "layer_structure": "1, 1.5, 1", "train_text_encoder": True}
+           "max_token_length": 150, "layer_structure": "1, 1.5, 1", "train_text_encoder": True,
+           "network_module": "lycoris.kohya", "network_args": ["algo=lokr", "factor=8"]}
 
 
 @pytest.mark.parametrize("name", sorted(CHANGED))
@@ -175,7 +176,7 @@ def test_setting_from_config_reads_each_mirrored_option(name):
     value = CHANGED[name]
     assert getattr(base, name) != value
     setting = setting_from_config(dataclasses.replace(base, **{name: value}), method)
-    expected = parse_layer_structure(value) if name == "layer_structure" else value
+    expected = {"layer_structure": parse_layer_structure, "network_args": tuple}.get(name, lambda v: v)(value)
     assert getattr(setting, name) == expected != getattr(setting_from_config(base, method), name)
 
 

@@ -42,7 +42,8 @@ def fake_estimator(monkeypatch):
     module.estimate = lambda setting: SimpleNamespace(peak_gib=module.peak, breakdown={}, setting=setting)
     module.estimate_step_seconds = lambda setting, gpu="T4": 1.5
 
-    def auto_fit(config, method, gpu_gib=15.0, headroom_gib=1.0, arch=None):
+    def auto_fit(config, method, gpu_gib=15.0, headroom_gib=1.0, arch=None, **options):
+        module.fit_options = options
         if module.fit_changes is None:
             raise RuntimeError("cannot fit")
         return dataclasses.replace(config, **module.fit_changes), SimpleNamespace(peak_gib=11.2), module.fit_changes
@@ -78,6 +79,13 @@ def test_too_big_shows_the_fix_and_a_fitted_config(images, fake_estimator):
     assert check.fixes[:2] == ["train_batch_size = 1", "gradient_checkpointing = True"]
     assert check.fitted_config == dataclasses.replace(config, train_batch_size=1, gradient_checkpointing=True)
     assert "Suggested changes" in check.widget.value
+    # captions that never change let auto-fit cache the text encoder's outputs; shuffled ones do not
+    assert check.fixed_captions is True and fake_estimator.fit_options == {"fixed_captions": True}
+    shuffled = _specs(images)
+    for ds in shuffled:
+        ds.subsets = [dataclasses.replace(sub, shuffle_caption=True) for sub in ds.subsets]
+    check = preflight(config, "lora", shuffled, gpu="T4")
+    assert check.fixed_captions is False and fake_estimator.fit_options == {}
 
 
 def test_generic_fixes_when_auto_fit_cannot_help(images, fake_estimator):

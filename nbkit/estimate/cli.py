@@ -34,6 +34,8 @@ def add_estimate_parser(sub) -> argparse.ArgumentParser:
     _flag(p, "no_cache_latents", action="store_true", help="encode images with the VAE every step")
     _flag(p, "network_dim", type=int, default=DEFAULTS["network_dim"])
     _flag(p, "conv_dim", type=int, default=DEFAULTS["conv_dim"])
+    _flag(p, "network_module", default=DEFAULTS["network_module"], help="networks.lora or lycoris.kohya")
+    _flag(p, "network_args", nargs="*", default=None, help='LyCORIS options as kohya writes them: algo=lokr factor=8 dora_wd=True')
     _flag(p, "use_ema", action="store_true", help="DreamBooth EMA copy in VRAM")
     _flag(p, "max_token_length", type=int, choices=(75, 150, 225), default=DEFAULTS["max_token_length"])
     p.add_argument("--gpu", default="T4", help=f"GPU to compare with: {', '.join(GPU_MEMORY_GIB)} or GiB (default T4)")
@@ -49,7 +51,8 @@ def setting_from_args(args) -> Setting:
                    gradient_checkpointing=args.gradient_checkpointing, optimizer_type=args.optimizer_type,
                    mixed_precision=args.mixed_precision, train_text_encoder=args.train_text_encoder,
                    cache_text_encoder_outputs=args.cache_text_encoder_outputs, cache_latents=not args.no_cache_latents,
-                   network_dim=args.network_dim, conv_dim=args.conv_dim, use_ema=args.use_ema,
+                   network_dim=args.network_dim, conv_dim=args.conv_dim, network_module=args.network_module,
+                   network_args=tuple(args.network_args) if args.network_args else None, use_ema=args.use_ema,
                    ema_on_cpu=not args.use_ema, max_token_length=args.max_token_length)
 
 
@@ -80,20 +83,22 @@ def _cmd_estimate(args) -> int:
 def add_auto_fit_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auto_fit", dest="auto_fit", nargs="?", const="T4", default=None,
                         metavar="GPU",
-                        help="before training, choose train_batch_size (at most the configured one), optimizer_type "
-                             "and gradient_checkpointing so the run fits the GPU (T4, L4, V100, A100-40GB or GiB; "
-                             "default T4) with 1 GiB headroom, by nbkit's memory estimator")
+                        help="before training, choose the fastest setting that fits the GPU (T4, L4, V100, A100-40GB "
+                             "or GiB; default T4) with 1 GiB headroom, by nbkit's memory and time estimates: "
+                             "train_batch_size with gradient_accumulation_steps (the effective batch is kept), "
+                             "gradient_checkpointing, sdpa, and optimizer_type only when nothing else fits")
 
 
-def apply_auto_fit(config, gpu: str, out=None):
-    """``config`` changed by :func:`nbkit.estimate.auto_fit` for ``gpu``; prints what changed."""
+def apply_auto_fit(config, gpu: str, out=None, fixed=()):
+    """``config`` changed by :func:`nbkit.estimate.auto_fit` for ``gpu``; prints what changed and why.
+    ``fixed``: option names the user set explicitly (on the command line or in the run file), kept."""
     from nbkit.config import ConfigError
     from nbkit.estimate.fit import FitError, auto_fit, gpu_memory
     from nbkit.estimate.setting import method_of
 
     out = out or sys.stdout
     try:
-        fitted, found, changes = auto_fit(config, method_of(config), gpu_memory(gpu))
+        fitted, found, changes = auto_fit(config, method_of(config), gpu, fixed=fixed)
     except (FitError, ValueError) as err:
         raise ConfigError(f"--auto_fit {gpu}: {err}") from None
     arch = found.setting.arch

@@ -1,17 +1,29 @@
 """Settings chosen to fit a GPU: the largest batch that fits, and ``auto_fit`` for a training config.
 
-``auto_fit`` keeps what it can of the config and changes, in this order of preference, only
-``train_batch_size`` (never above the config's, unless ``max_batch`` says so), ``optimizer_type``
-(the config's, else AdamW8bit) and ``gradient_checkpointing`` (off when the run fits without it: a
-step is about 20-30% faster, since checkpointed blocks run their forward twice).
+``auto_fit`` chooses, among the settings that fit with the headroom, the one with the most images per
+second by the time model (:func:`nbkit.estimate.flops.estimate_step_seconds`), over these levers:
+
+- the micro-batch (``train_batch_size``), keeping the effective batch the config asks for
+  (``train_batch_size x gradient_accumulation_steps``) through ``gradient_accumulation_steps``;
+- ``gradient_checkpointing`` (checkpointed blocks run their forward twice: slower, far less memory);
+- ``cache_text_encoder_outputs`` for a frozen text encoder, when the captions never change
+  (``fixed_captions``: the trainer refuses the cache otherwise);
+- ``sdpa`` (the memory-efficient attention kernel), switched on when off;
+- ``optimizer_type``: the config's, else AdamW8bit when nothing fits with it (a memory lever only:
+  it changes the training, so it is never chosen for speed).
+
+Options named in ``fixed`` (what the user set explicitly) are never changed. Each change comes back as
+a sentence saying what and why, the last one comparing the chosen speed with the runner-up.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable
 
 from nbkit.estimate.estimator import estimate
-from nbkit.estimate.setting import GPU_MEMORY_GIB, Estimate, Setting, setting_from_config
+from nbkit.estimate.flops import estimate_step_seconds
+from nbkit.estimate.setting import GPU_MEMORY_GIB, GPUS, Estimate, Setting, setting_from_config
 
 EIGHT_BIT = "AdamW8bit"
 
@@ -64,50 +76,144 @@ def largest_batch(setting: Setting, gpu_gib: float | str = 15.0, headroom_gib: f
     return best
 
 
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A setting that fits, its estimate and (with ``prefer_speed``) its estimated images per second."""
+
+    setting: Setting
+    estimate: Estimate
+    images_per_second: float = 0.0
+
+
 def auto_fit(config, method: str | None = None, gpu_gib: float | str = 15.0, headroom_gib: float = 1.0,
-             arch: str | None = None, max_batch: int | None = None, prefer_speed: bool = True):
+             arch: str | None = None, max_batch: int | None = None, prefer_speed: bool = True,
+             fixed: Iterable[str] = (), fixed_captions: bool = False):
     """A copy of ``config`` that fits ``gpu_gib`` with ``headroom_gib`` to spare, its estimate, and the
-    changes made, as sentences. Raises :class:`FitError` when nothing fits."""
+    changes made, as sentences. Raises :class:`FitError` when nothing fits.
+
+    ``prefer_speed``: the fastest fitting setting (module doc); otherwise the config's own
+    ``gradient_checkpointing`` and text caching where they fit, with the largest micro-batch.
+    ``max_batch`` caps the micro-batch; ``fixed``: option names never to change; ``fixed_captions``:
+    the dataset's captions never change (no shuffle_caption, caption dropout, wildcards), so text
+    caching is a lever."""
     setting = setting_from_config(config, method, arch)
-    want = max_batch or setting.train_batch_size
+    fixed = frozenset(fixed)
+    gpu = gpu_memory(gpu_gib)
+    speed_gpu = gpu_gib if isinstance(gpu_gib, str) and gpu_gib in GPUS else "T4"
+    effective = setting.train_batch_size * setting.gradient_accumulation_steps
+    micro = _micro_batches(setting, effective, max_batch, fixed)
+    # the hypernetwork trainer decides its text caching itself (from shuffle_tags / tag_drop_out)
+    can_cache = (fixed_captions and hasattr(config, "cache_text_encoder_outputs") and setting.method != "hypernetwork"
+                 and not setting.trains_text_encoder)
     optimizers = [setting.optimizer_type]
-    if setting.optimizer_type.strip().lower() != EIGHT_BIT.lower() and "8bit" not in setting.optimizer_type.lower():
+    if "optimizer_type" not in fixed and "8bit" not in setting.optimizer_type.lower():
         optimizers.append(EIGHT_BIT)
-    checkpointing = [False, True] if prefer_speed else list(dict.fromkeys([setting.gradient_checkpointing, True]))
-    best: tuple[int, str, bool, Estimate] | None = None
-    for optimizer in optimizers:
-        for gc in checkpointing:
-            batch, found = largest_batch(setting.replace(optimizer_type=optimizer, gradient_checkpointing=gc),
-                                         gpu_gib, headroom_gib, want)
-            if batch and (best is None or batch > best[0]):
-                best = (batch, optimizer, gc, found)
-            if batch == want:
-                break
-        if best and best[0] == want:
+    candidates: list[Candidate] = []
+    for optimizer in optimizers:  # the config's optimizer whenever anything fits with it
+        for levers in _levers(setting, fixed, can_cache, prefer_speed):
+            found = _largest_micro_batch(setting.replace(optimizer_type=optimizer, **levers), micro, effective,
+                                         gpu, headroom_gib)
+            if found is not None:
+                candidates.append(found)
+                if not prefer_speed:
+                    break
+        if candidates:
             break
-    if best is None:
-        raise FitError(_nothing_fits(setting, gpu_memory(gpu_gib), headroom_gib))
-    batch, optimizer, gc, found = best
-    changes = _changes(setting, batch, optimizer, gc)
-    fitted = dataclasses.replace(config, train_batch_size=batch, optimizer_type=optimizer, gradient_checkpointing=gc)
-    return fitted, found, changes
+    if not candidates:
+        raise FitError(_nothing_fits(setting, gpu, headroom_gib, fixed))
+    if prefer_speed:
+        candidates = [dataclasses.replace(c, images_per_second=effective / estimate_step_seconds(c.setting, speed_gpu))
+                      for c in candidates]
+        candidates.sort(key=lambda c: (-round(c.images_per_second, 4), c.estimate.peak_gib))
+    best = candidates[0]
+    changes = _changes(setting, best.setting)
+    if prefer_speed:
+        changes.append(_why(best, candidates[1:], speed_gpu))
+    names = {f.name for f in dataclasses.fields(config)}
+    values = {name: getattr(best.setting, name) for name in _CHOSEN if name in names}
+    if hasattr(config, "xformers") and not best.setting.sdpa:
+        values.pop("sdpa", None)  # xformers stands for the same kernel
+    return dataclasses.replace(config, **values), best.estimate, changes
 
 
-def _changes(setting: Setting, batch: int, optimizer: str, gc: bool) -> list[str]:
+#: the options auto_fit chooses (Setting fields of the same names as the configs')
+_CHOSEN = ("train_batch_size", "gradient_accumulation_steps", "optimizer_type", "gradient_checkpointing",
+           "cache_text_encoder_outputs", "sdpa")
+
+
+def _micro_batches(setting: Setting, effective: int, max_batch: int | None, fixed: frozenset) -> list[int]:
+    """Micro-batches that keep the effective batch (divisors of it), largest first."""
+    if "train_batch_size" in fixed or "gradient_accumulation_steps" in fixed:
+        return [setting.train_batch_size]
+    cap = max_batch or effective
+    return [b for b in range(min(cap, effective), 0, -1) if effective % b == 0]
+
+
+def _levers(setting: Setting, fixed: frozenset, can_cache: bool, prefer_speed: bool) -> list[dict]:
+    """The speed/memory lever settings to try, the config's own values first."""
+    def values(name: str, options: list) -> list:
+        own = getattr(setting, name)
+        return [own] if name in fixed else list(dict.fromkeys([own, *options]))
+
+    checkpointing = values("gradient_checkpointing", [False, True] if prefer_speed else [True])
+    caching = values("cache_text_encoder_outputs", [True] if can_cache else [])
+    sdpa = [setting.sdpa] if "sdpa" in fixed else [True]
+    return [{"gradient_checkpointing": gc, "cache_text_encoder_outputs": cache, "sdpa": attention}
+            for cache in caching for gc in checkpointing for attention in sdpa]
+
+
+def _largest_micro_batch(setting: Setting, micro: list[int], effective: int, gpu: float,
+                         headroom: float) -> Candidate | None:
+    for batch in micro:
+        trial = setting.replace(train_batch_size=batch, gradient_accumulation_steps=max(1, effective // batch))
+        found = estimate(trial)
+        if found.fits(gpu, headroom):
+            return Candidate(trial, found)
+    return None
+
+
+def _describe(setting: Setting) -> str:
+    accumulation = (f" x{setting.gradient_accumulation_steps} accumulation"
+                    if setting.gradient_accumulation_steps > 1 else "")
+    return (f"batch {setting.train_batch_size}{accumulation}, gradient checkpointing "
+            f"{'on' if setting.gradient_checkpointing else 'off'}"
+            + (", text encoder outputs cached" if setting.cache_text_encoder_outputs else ""))
+
+
+def _why(best: Candidate, others: list[Candidate], gpu: str) -> str:
+    line = (f"chose the fastest setting that fits: {_describe(best.setting)}, ~{best.images_per_second:.2f} "
+            f"images/s on a {gpu} (time model), peak {best.estimate.peak_gib:.1f} GiB")
+    if others:
+        runner = others[0]
+        line += (f"; next best {_describe(runner.setting)}: ~{runner.images_per_second:.2f} images/s, "
+                 f"{runner.estimate.peak_gib:.1f} GiB")
+    return line
+
+
+def _changes(setting: Setting, chosen: Setting) -> list[str]:
     changes = []
-    if batch != setting.train_batch_size:
-        changes.append(f"train_batch_size {setting.train_batch_size} -> {batch}")
-    if optimizer != setting.optimizer_type:
-        changes.append(f"optimizer_type {setting.optimizer_type} -> {optimizer} (2 bytes of state per weight "
-                       "instead of 8)")
-    if gc != setting.gradient_checkpointing:
+    if chosen.train_batch_size != setting.train_batch_size:
+        changes.append(f"train_batch_size {setting.train_batch_size} -> {chosen.train_batch_size}")
+    if chosen.gradient_accumulation_steps != setting.gradient_accumulation_steps:
+        changes.append(f"gradient_accumulation_steps {setting.gradient_accumulation_steps} -> "
+                       f"{chosen.gradient_accumulation_steps} (keeps the effective batch of "
+                       f"{chosen.train_batch_size * chosen.gradient_accumulation_steps})")
+    if chosen.optimizer_type != setting.optimizer_type:
+        changes.append(f"optimizer_type {setting.optimizer_type} -> {chosen.optimizer_type} (2 bytes of state per "
+                       "weight instead of 8)")
+    if chosen.gradient_checkpointing != setting.gradient_checkpointing:
         changes.append("gradient_checkpointing on (recomputes activations in the backward: less memory, "
-                       "~20-30% slower)" if gc else
+                       "~20-30% slower)" if chosen.gradient_checkpointing else
                        "gradient_checkpointing off (fits without it; steps ~20-30% faster)")
+    if chosen.cache_text_encoder_outputs != setting.cache_text_encoder_outputs:
+        changes.append("cache_text_encoder_outputs on (captions never change: the text encoder leaves the GPU)"
+                       if chosen.cache_text_encoder_outputs else "cache_text_encoder_outputs off")
+    if chosen.sdpa != setting.sdpa:
+        changes.append("sdpa on (the memory-efficient attention kernel: less memory, no slower)")
     return changes
 
 
-def _nothing_fits(setting: Setting, gpu: float, headroom: float) -> str:
+def _nothing_fits(setting: Setting, gpu: float, headroom: float, fixed: frozenset = frozenset()) -> str:
     smallest = estimate(setting.replace(train_batch_size=1, gradient_checkpointing=True, optimizer_type=EIGHT_BIT))
     ideas = []
     if setting.method == "dreambooth":
@@ -120,6 +226,7 @@ def _nothing_fits(setting: Setting, gpu: float, headroom: float) -> str:
         ideas.append("cache_latents=true")
     if setting.resolution > 512:
         ideas.append("a lower resolution")
-    return (f"nothing fits {gpu:.1f} GiB with {headroom:.1f} GiB headroom: even batch 1 with gradient "
+    kept = f" (kept as set: {', '.join(sorted(fixed))})" if fixed else ""
+    return (f"nothing fits {gpu:.1f} GiB with {headroom:.1f} GiB headroom{kept}: even batch 1 with gradient "
             f"checkpointing and AdamW8bit needs {smallest.peak_gib:.2f} GiB. Try "
             + ("; ".join(ideas) if ideas else "a GPU with more memory"))

@@ -3,7 +3,8 @@
 Built from the diffusers configs shipped in ``nbkit/models/configs`` (no weights, no download, no
 tokenizer). Dtypes follow the trainers: frozen weights in the mixed-precision dtype, trainable ones
 in fp32 (master weights), the VAE in fp32; LoRA is injected with nbkit's own ``inject_lora``
-(kohya's module set), the hypernetwork with nbkit's ``apply_hypernetwork``.
+(kohya's module set), LyCORIS with the lycoris-lora package's own modules in nbkit's module set
+(:mod:`nbkit.estimate.lycoris`), the hypernetwork with nbkit's ``apply_hypernetwork``.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def build_models(setting: Setting) -> MetaModels:
     unet.to(master if full else low)
     for te in encoders:
         te.to(master if full and setting.trains_text_encoder else low)
-    trainable = _add_trainables(setting, unet, encoders, master)
+    notes: list[str] = []
+    trainable = _add_trainables(setting, unet, encoders, master, notes)
     if setting.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if setting.trains_text_encoder:
@@ -102,16 +104,21 @@ def build_models(setting: Setting) -> MetaModels:
         frozen += list(vae.parameters())
     return MetaModels(unet=unet, text_encoders=on_gpu, vae=vae, trainable=trainable, frozen=frozen,
                       context_dim=int(unet.config.cross_attention_dim), sdxl=setting.arch == "sdxl"
-                      or unet.config.addition_embed_type == "text_time")
+                      or unet.config.addition_embed_type == "text_time", notes=notes)
 
 
-def _add_trainables(setting: Setting, unet: nn.Module, encoders: list[nn.Module], master: torch.dtype) -> list:
+def _add_trainables(setting: Setting, unet: nn.Module, encoders: list[nn.Module], master: torch.dtype,
+                    notes: list[str]) -> list:
     """Make the method's weights trainable (or add them) and return them in optimizer order."""
     if setting.method == "dreambooth":
         models = [unet, *encoders] if setting.trains_text_encoder else [unet]
         for model in models:
             model.requires_grad_(True)
         return [p for model in models for p in model.parameters()]
+    if setting.method == "lora" and setting.lycoris:
+        from nbkit.estimate.lycoris import add_lycoris
+
+        return add_lycoris(setting, unet, encoders, master, notes)
     if setting.method == "lora":
         return _add_lora(setting, unet, encoders, master)
     return _add_hypernetwork(setting, unet)

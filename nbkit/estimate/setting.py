@@ -59,6 +59,8 @@ _LAYOUT: tuple = (
     _dreambooth("train_text_encoder", False),  # LoRA's: not network_train_unet_only
     "LoRATrainConfig.network_dim",
     "LoRATrainConfig.conv_dim",
+    "LoRATrainConfig.network_module",  # networks.lora | lycoris.kohya
+    "LoRATrainConfig.network_args",  # ["algo=lokr", "factor=8", "dora_wd=True"] there, a tuple here (hashable)
     _dreambooth("use_ema", False),
     "TrainConfig.cache_latents",
     "TrainConfig.cache_text_encoder_outputs",
@@ -111,6 +113,8 @@ def _mirrored_field(entry: str, classes: dict[str, type]) -> tuple[str, object, 
     kind = spec.type
     if name == "layer_structure":
         default, kind = parse_layer_structure(default), "tuple[float, ...]"
+    if name == "network_args":
+        kind = "tuple[str, ...] | None"
     return name, kind, field(default=default, metadata={**spec.metadata, "mirrors": entry})
 
 
@@ -118,6 +122,10 @@ class _SettingMethods:
     """The behaviour of :class:`Setting` (its fields are made below)."""
 
     def __post_init__(self) -> None:
+        if self.network_args is not None and not isinstance(self.network_args, tuple):
+            object.__setattr__(self, "network_args", tuple(self.network_args))  # a list from a config
+        if self.network_module is None:  # DreamBooth's "no network": a LoRA setting means kohya's LoRA
+            object.__setattr__(self, "network_module", "networks.lora")
         if self.unet_config is not None and self.unet_config_key is None:
             object.__setattr__(self, "unet_config_key", _digest(self.unet_config))
         if self.method not in METHODS:
@@ -130,6 +138,11 @@ class _SettingMethods:
             raise ValueError(f"resolution={self.resolution}: use a multiple of 64")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise ValueError("train_batch_size and gradient_accumulation_steps must be at least 1")
+
+    @property
+    def lycoris(self) -> bool:
+        """A LyCORIS network (``network_module = "lycoris.kohya"``: LoHa, LoKr, LoCon, DoRA)."""
+        return self.method == "lora" and self.network_module == "lycoris.kohya"
 
     @property
     def unet_batch(self) -> int:
@@ -197,6 +210,8 @@ class Estimate:
                 f"{'trained' if text else 'cached (off the GPU)' if not s.text_encoder_on_gpu else 'frozen'}")
         if s.method == "lora":
             head += f", network_dim {s.network_dim}" + (f", conv_dim {s.conv_dim}" if s.conv_dim else "")
+            if s.lycoris:
+                head += ", lycoris.kohya " + " ".join(s.network_args or ("algo=lora",))
         parts = {name: value for name, value in self.breakdown.items() if value >= 0.005}
         width = max(map(len, parts), default=4)
         lines = [head, f"  {'part':<{width}}    GiB"]
@@ -217,12 +232,15 @@ def setting_from_config(config, method: str | None = None, arch: str | None = No
     """A :class:`Setting` from any of the three training configs: every :data:`MIRRORED` option the
     config has, read as the trainer reads it.
 
-    ``arch`` defaults to ``"sd15"``, or ``"sd21-v"``/``"sd21"`` when the config's ``v2`` /
-    ``v_parameterization`` fields say so."""
+    ``arch`` defaults to ``"sdxl"`` when the base model is an SDXL model on disk
+    (:func:`nbkit.estimate.arch.config_arch`), else ``"sd15"``, or ``"sd21-v"``/``"sd21"`` when the
+    config's ``v2`` / ``v_parameterization`` fields say so."""
+    from nbkit.estimate.arch import config_arch
+
     method = method or method_of(config)
     get = lambda name, default=None: getattr(config, name, default)  # noqa: E731
     if arch is None:
-        arch = ("sd21-v" if get("v_parameterization") else "sd21") if get("v2") else "sd15"
+        arch = config_arch(config)
     values = {name: get(name) for name in MIRRORED if hasattr(config, name)}
     # what the trainers make of some options
     if method == "lora":  # LoRATrainConfig.train_text_encoder: not network_train_unet_only
@@ -237,6 +255,13 @@ def setting_from_config(config, method: str | None = None, arch: str | None = No
         method = "lora"  # "LoRA via DreamBooth" trains a LoRA
     if not values.get("network_dim"):
         values.pop("network_dim", None)
+    if values.get("network_args") is not None:
+        values["network_args"] = tuple(values["network_args"])
+        if values.get("network_module", "networks.lora") == "networks.lora" and not values.get("conv_dim"):
+            # kohya's networks.lora reads conv_dim from network_args too (nbkit.networks.lora does)
+            given = dict(a.split("=", 1) for a in values["network_args"] if "=" in a)
+            if given.get("conv_dim", "").strip().isdigit():
+                values["conv_dim"] = int(given["conv_dim"])
     values["sdpa"] = bool(get("sdpa", True) or get("xformers", False))  # xformers: the same kind of kernel
     if hasattr(config, "full_fp16"):  # kohya's option (no nbkit config has it)
         values["full_fp16"] = bool(config.full_fp16)

@@ -43,6 +43,7 @@ class Preflight:
     fits: bool | None = None  # None: not estimated
     step_seconds: float | None = None
     estimate: Any = None  # nbkit.estimate.Estimate
+    fixed_captions: bool | None = None  # no caption option changes a caption between steps (text can be cached)
     fixes: list[str] = field(default_factory=list)  # suggested changes when it will not fit
     fitted_config: Any = None  # the config with those changes (from auto_fit)
     warnings: list[str] = field(default_factory=list)
@@ -197,6 +198,7 @@ def _count(report: Preflight, config, method: str, datasets) -> None:
         report.errors.append(str(err))
         return
     report.warnings += [str(w.message) for w in caught]
+    report.fixed_captions = _fixed_captions(items)
     report.subsets = sum(len(ds.subsets) for ds in specs)
     report.images = sum(1 for it in items if not it.subset.is_reg)
     report.reg_images = len(items) - report.images
@@ -209,6 +211,15 @@ def _count(report: Preflight, config, method: str, datasets) -> None:
     if report.total_steps < report.steps_per_epoch:
         report.warnings.append(f"max_train_steps={report.total_steps} is less than one epoch "
                                f"({report.steps_per_epoch} steps): some images are never seen")
+
+
+def _fixed_captions(items) -> bool | None:
+    """True when no subset option changes captions from step to step (the trainer's own rule)."""
+    try:
+        from nbkit.train.caching import changing_caption_options
+    except ImportError:
+        return None
+    return not changing_caption_options(items)
 
 
 def _estimate(report: Preflight, config, method: str, arch, speed_name, headroom_gib: float) -> None:
@@ -241,16 +252,23 @@ def _estimator():
         from nbkit.estimate import auto_fit, estimate, estimate_step_seconds, setting_from_config
     except ImportError:
         return None
+    try:
+        from nbkit.estimate.guard import needed_gpu
+    except ImportError:
+        needed_gpu = None
     return SimpleNamespace(auto_fit=auto_fit, estimate=estimate, estimate_step_seconds=estimate_step_seconds,
-                           setting_from_config=setting_from_config)
+                           setting_from_config=setting_from_config, needed_gpu=needed_gpu)
 
 
 def _suggest(report: Preflight, config, method: str, arch, headroom_gib: float, est) -> None:
+    options = {"fixed_captions": True} if report.fixed_captions else {}
     try:
         fitted, fitted_estimate, changes = est.auto_fit(config, method, gpu_gib=report.gpu_gib,
-                                                        headroom_gib=headroom_gib, arch=arch)
+                                                        headroom_gib=headroom_gib, arch=arch, **options)
     except Exception as err:  # nbkit.estimate.FitError: nothing fits; its message says why
         report.warnings.append(f"no automatic fix: {err}")
+        if est.needed_gpu is not None and report.peak_gib is not None:
+            report.warnings.append(f"as set, this run would need {est.needed_gpu(report.peak_gib, headroom_gib)}")
         fitted, fitted_estimate, changes = None, None, None
     if changes:
         report.fixes = _describe_changes(changes)

@@ -184,3 +184,27 @@ def test_networks_lora_reads_kohya_network_args(tiny_model_dirs, tmp_path):
     with pytest.raises(ConfigError, match="block_dims"):  # a direct call is checked too, before the model loads
         train_lora(LoRATrainConfig(**dict(base, pretrained_model_name_or_path="/nonexistent"),
                                    network_args=["block_dims=2"]), [], device="cpu")
+
+
+def test_auto_fit_keeps_what_the_run_file_and_flags_set(tmp_path, capsys):
+    """`--auto_fit` may trade micro-batch for accumulation (same effective batch) to run faster, but
+    never changes an option the user wrote in the run file or gave as a flag."""
+    from nbkit.cli import build_parser
+    from nbkit.train.config import LoRATrainConfig
+    from nbkit.train.run_file import config_from_args
+
+    run = tmp_path / "run.toml"
+    run.write_text('train_batch_size = 1\ngradient_accumulation_steps = 4\nmixed_precision = "fp16"\n'
+                   '[[datasets]]\n[[datasets.subsets]]\nimage_dir = "x"\n')
+    import io
+
+    from nbkit.estimate.cli import apply_auto_fit
+
+    parse = build_parser().parse_args
+    kept = config_from_args(parse(["train", "lora", "--config", str(run), "--auto_fit", "T4",
+                                   "--gradient_checkpointing"]), LoRATrainConfig)[0]
+    assert (kept.train_batch_size, kept.gradient_accumulation_steps, kept.gradient_checkpointing) == (1, 4, True)
+    # the same values not fixed: auto-fit changes them (so the test above is not vacuous)
+    free = apply_auto_fit(LoRATrainConfig(train_batch_size=1, gradient_accumulation_steps=4, mixed_precision="fp16",
+                                          gradient_checkpointing=True), "T4", out=io.StringIO())
+    assert (free.train_batch_size, free.gradient_accumulation_steps, free.gradient_checkpointing) != (1, 4, True)

@@ -61,7 +61,10 @@ class DreamBoothMethod(Method):
 
     def check(self, datasets: list) -> list:
         # a missing instance token must not wait for a 4 GB load
+        from nbkit.estimate.guard import refuse_if_unfit
+
         check_options(self.config)
+        refuse_if_unfit(self.config)  # on a GPU: a full fine-tune that cannot fit (SDXL on a T4) is refused here
         return check_dreambooth_data(self.config, datasets)
 
     def load(self, run, pipeline, model_info) -> None:

@@ -62,16 +62,21 @@ def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
     """(config, inline datasets, base folder) from ``--config run.toml`` plus the CLI flags over it."""
     from nbkit.config import merge_cli
 
+    import dataclasses
+
     run_file = getattr(args, "config", None)
+    explicit = set(vars(args))  # flags given (argparse leaves the others out of the namespace)
     if run_file:
         config, inline, base_dir = _read_run_file(run_file, cls)
+        explicit |= set(flatten_run_toml(load_toml(Path(run_file)))[0])
     else:
         config, inline, base_dir = cls(), {}, Path.cwd()
     config = merge_cli(config, args)
     if getattr(args, "auto_fit", None):  # `nbkit train <method> --auto_fit [GPU]`: fit the GPU by the estimator
         from nbkit.estimate.cli import apply_auto_fit
 
-        config = apply_auto_fit(config, args.auto_fit)
+        fixed = explicit & {f.name for f in dataclasses.fields(config)}  # what the user set is kept
+        config = apply_auto_fit(config, args.auto_fit, fixed=tuple(sorted(fixed)))
     # Checked once the flags are merged (a flag may fix a value of the file), before any model loads.
     flags = set(vars(args))
     if run_file:

@@ -47,6 +47,16 @@ PRESETS: dict[str, Preset] = {
             arch="sdxl",
         ),
         Preset(
+            "T4 LoHa (LyCORIS)", "lora",
+            "SD1.5 LyCORIS LoHa at 512 px on a free Colab T4 (kohya: --network_module lycoris.kohya --network_args "
+            "algo=loha ...): dim 8/alpha 4 (a LoHa of dim 8 can express rank 64), attention and MLP layers plus "
+            "ResNet convs at dim 4, batch 2, fp16 autocast, AdamW8bit, gradient checkpointing, cached latents.",
+            {"resolution": 512, "train_batch_size": 2, "network_module": "lycoris.kohya", "network_dim": 8,
+             "network_alpha": 4.0, "network_args": ["algo=loha", "preset=full", "conv_dim=4", "conv_alpha=1"],
+             "mixed_precision": "fp16", "optimizer_type": "AdamW8bit", "gradient_checkpointing": True,
+             "cache_latents": True, "sdpa": True, "learning_rate": 2e-4, "unet_lr": 2e-4, "text_encoder_lr": 1e-4},
+        ),
+        Preset(
             "T4 DreamBooth", "dreambooth",
             "SD1.5 DreamBooth (full U-Net) at 512 px on a free Colab T4: batch 1, fp32 master weights under fp16 "
             "autocast, AdamW8bit, gradient checkpointing, frozen text encoder with cached outputs.",

@@ -208,3 +208,15 @@ def test_auto_fit_keeps_what_the_run_file_and_flags_set(tmp_path, capsys):
     free = apply_auto_fit(LoRATrainConfig(train_batch_size=1, gradient_accumulation_steps=4, mixed_precision="fp16",
                                           gradient_checkpointing=True), "T4", out=io.StringIO())
     assert (free.train_batch_size, free.gradient_accumulation_steps, free.gradient_checkpointing) != (1, 4, True)
+
+
+@pytest.mark.parametrize("name", ["T4 LoRA", "T4 SDXL LoRA", "T4 LoHa (LyCORIS)", "T4 DreamBooth", "T4 hypernetwork"])
+def test_every_preset_is_a_valid_config_of_its_method(name):
+    """A preset's values pass its method's checks (network_args included), so choosing it never ends
+    in a config error."""
+    from nbkit.notebook import config_class
+    from nbkit.presets import PRESETS, apply_preset
+
+    preset = PRESETS[name]
+    config = apply_preset(config_class(preset.method)(pretrained_model_name_or_path="x"), name).checked()
+    assert all(getattr(config, k) == v for k, v in preset.values.items() if hasattr(config, k))

@@ -44,7 +44,8 @@ def _cmd_train_lora(args) -> int:
 
 def _cmd_train_dreambooth(args) -> int:
     from nbkit.train.dreambooth import train_dreambooth
-    from nbkit.train.dreambooth_config import DreamBoothTrainConfig, resolve_dreambooth_datasets
+    from nbkit.train.dreambooth_config import DreamBoothTrainConfig
+    from nbkit.train.dreambooth_data import resolve_dreambooth_datasets
     from nbkit.train.hooks import ProgressHooks
     from nbkit.train.run_file import config_from_args
 

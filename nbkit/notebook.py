@@ -24,14 +24,25 @@ from typing import Any
 from nbkit.project import Project
 from nbkit.runtime import demo_mode, demo_root
 
-METHODS = ("lora", "dreambooth", "hypernetwork")
+METHODS = ("lora", "dreambooth", "hypernetwork", "textual_inversion")
 STEPS = ("setup", "dataset", "tag", "configure", "train", "merge", "export")
 DEFAULT_BASE_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 T4_PRESETS = {"lora": "T4 LoRA", "dreambooth": "T4 DreamBooth", "hypernetwork": "T4 hypernetwork"}
+# Methods without a named preset yet (nbkit.presets): their T4 starting values.
+T4_VALUES: dict[str, dict[str, Any]] = {
+    "textual_inversion": {"resolution": 512, "train_batch_size": 1, "mixed_precision": "fp16", "optimizer_type": "AdamW",
+                          "gradient_checkpointing": True, "cache_latents": True, "sdpa": True, "learning_rate": 5e-3,
+                          "max_train_steps": 1500},
+}
+TI_TOKEN = "sksemb"  # the textual-inversion word of new configs: made up, so the model has no meaning for it yet
+TI_TEMPLATE = "subject_filewords.txt"  # A1111's template: "a photo of a [name], [filewords]" and the like
 DEMO_PRESET = "CPU demo"
 SAMPLE_EVERY = 200  # steps between preview images on a real run
 SAVE_EVERY = 250  # steps between saved files (each with its resumable state)
-OUTPUT_SUFFIX = {"lora": ".safetensors", "dreambooth": ".safetensors", "hypernetwork": ".pt"}
+OUTPUT_SUFFIX = {"lora": ".safetensors", "dreambooth": ".safetensors", "hypernetwork": ".pt",
+                 "textual_inversion": ".safetensors"}
+NOTEBOOK_OF = {"lora": "04_train_lora", "dreambooth": "05_train_dreambooth", "hypernetwork": "06_train_hypernetwork",
+               "textual_inversion": "06b_train_textual_inversion"}
 DEMO_FOLDER = "_nbkit_demo"  # next to the demo projects; not a valid project name, so never one
 DEMO_PROMPTS = ("sks, a red circle on a white background --w 64 --h 64 --s 4 --d 1",
                 "sks, a blue square on a black background --w 64 --h 64 --s 4 --d 2")
@@ -42,6 +53,8 @@ DEMO_OVERRIDES: dict[str, dict[str, Any]] = {
                    "class_image_steps": 3, "class_image_batch_size": 4, "save_precision": "fp16"},
     "hypernetwork": {"max_train_steps": 8, "sample_every_n_steps": 4, "save_every_n_steps": 4, "learning_rate": "0.0005",
                      "gradient_checkpointing": False},
+    "textual_inversion": {"max_train_steps": 8, "sample_every_n_steps": 4, "save_every_n_steps": 4, "learning_rate": 2e-2,
+                          "init_word": "shape"},
 }
 
 
@@ -56,11 +69,15 @@ def config_class(method: str):
     if method == "hypernetwork":
         from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
         return HypernetworkTrainConfig
+    if method == "textual_inversion":
+        from nbkit.train.textual_inversion_config import TextualInversionTrainConfig
+        return TextualInversionTrainConfig
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 
 def trainer(method: str):
-    """The training function of a method (``train_lora``, ``train_dreambooth``, ``train_hypernetwork``)."""
+    """The training function of a method (``train_lora``, ``train_dreambooth``, ``train_hypernetwork``,
+    ``train_textual_inversion``)."""
     config_class(method)  # checks the name
     if method == "lora":
         from nbkit.train.lora import train_lora
@@ -68,6 +85,9 @@ def trainer(method: str):
     if method == "dreambooth":
         from nbkit.train.dreambooth import train_dreambooth
         return train_dreambooth
+    if method == "textual_inversion":
+        from nbkit.train.textual_inversion import train_textual_inversion
+        return train_textual_inversion
     from nbkit.train.hypernetwork import train_hypernetwork
     return train_hypernetwork
 
@@ -232,7 +252,9 @@ class NotebookProject:
         from nbkit.presets import apply_preset
 
         cls = config_class(method)
-        config = apply_preset(cls(), preset or (DEMO_PRESET if self.demo else T4_PRESETS[method]))
+        preset = preset or (DEMO_PRESET if self.demo else T4_PRESETS.get(method))
+        config = replace(cls(), **T4_VALUES.get(method, {}))
+        config = apply_preset(config, preset) if preset else config
         values: dict[str, Any] = {
             "pretrained_model_name_or_path": self.base_model,
             "dataset_config": str(self.project.dataset_toml),
@@ -244,13 +266,32 @@ class NotebookProject:
             values["save_every_n_steps"] = SAVE_EVERY
         if method == "dreambooth":
             values["class_data_dir"] = str(self.project.path / "class_images")
+        if method == "textual_inversion":  # A1111 and ComfyUI call the embedding by its file name: the token
+            values.update(token_string=TI_TOKEN, output_name=TI_TOKEN, template_file=TI_TEMPLATE)
         if method == "hypernetwork" and isinstance(config.learning_rate, float):
             values["learning_rate"] = str(config.learning_rate)  # a number or an A1111 schedule string
         if self.demo:
             values.update(DEMO_OVERRIDES[method])
         names = {f.name for f in fields(cls)}
         config = replace(config, **{k: v for k, v in values.items() if k in names})
+        if method == "textual_inversion":
+            config = self.token_prompts(config)
         return use_project(config, self.project)  # outputs in output/, resumable states in state/, logs in logs/
+
+    def token_prompts(self, config):
+        """A textual-inversion run's previews need its word in the prompt: the project's preview prompts with
+        ``token_string`` put first where a line lacks it, written to ``<project>/sample_prompts-<token>.txt``;
+        returns ``config`` using that file (unchanged without a token or without preview prompts)."""
+        from nbkit.io import atomic_write_text
+        from nbkit.train.sample_prompts import load_sample_prompts
+
+        token = getattr(config, "token_string", None)
+        if not token or not self.sample_prompts.is_file():
+            return config
+        lines = [p.to_line() for p in load_sample_prompts(self.sample_prompts)]
+        path = self.project.path / f"sample_prompts-{token}.txt"
+        atomic_write_text(path, "".join(f"{line if token in line else f'{token}, {line}'}\n" for line in lines))
+        return replace(config, sample_prompts=str(path), sample_every_n_steps=config.sample_every_n_steps or SAMPLE_EVERY)
 
     def config(self, method: str):
         """The saved settings (``run-<method>.toml``) if there are any, else :meth:`new_config`."""
@@ -274,7 +315,7 @@ class NotebookProject:
 
         base = self.project.path
         if method == "dreambooth":
-            from nbkit.train.dreambooth_config import resolve_dreambooth_datasets
+            from nbkit.train.dreambooth_data import resolve_dreambooth_datasets
 
             return resolve_dreambooth_datasets(config, {}, base)
         if method == "hypernetwork":
@@ -306,8 +347,7 @@ class NotebookProject:
             return self.outputs(method)[0]
         if not required:
             return None
-        number = {"lora": "04_train_lora", "dreambooth": "05_train_dreambooth", "hypernetwork": "06_train_hypernetwork"}
-        raise FileNotFoundError(f"no trained {method} in {self.project.output_dir}: run {number[method]} first")
+        raise FileNotFoundError(f"no trained {method} in {self.project.output_dir}: run {NOTEBOOK_OF[method]} first")
 
     def train(self, method: str, hooks=None, quiet: bool = False):
         """Train ``method`` with the saved settings (what the training notebooks do, in one call)."""

@@ -285,6 +285,7 @@ print(f"preview prompts: {session.write_sample_prompts(PROMPTS)}")"""),
 - **DreamBooth** (05): fine-tunes the whole U-Net; strongest likeness, a 2 GB model file. Fits a T4 at 512 px
   with 8-bit AdamW, gradient checkpointing and a frozen text encoder.
 - **Hypernetwork** (06): A1111's small networks on attention keys and values; mostly for styles.
+- **Textual inversion** (06b): a new word for the text encoder, a file of a few KB; also negative embeddings.
 
 **Base model**: the menu above the fields lists tested starting points (SD1.5, SD2.1, SDXL and widely used
 anime and photo models for SD1 and SDXL, each with its licence). Choosing one fills in its source and the
@@ -302,7 +303,7 @@ images seen in total (images × repeats × epochs). What goes wrong: a loss of N
 low, or too few steps), oversaturated "fried" previews late in the run (too many steps: use an earlier save).""",
      """from nbkit.ui.forms import ConfigForm
 
-METHOD = "lora"  # "lora", "dreambooth" or "hypernetwork"
+METHOD = "lora"  # "lora", "dreambooth", "hypernetwork" or "textual_inversion"
 form = ConfigForm(session.config(METHOD), path=session.run_file(METHOD), title=f"{METHOD} settings")
 form"""),
     ("""## 3. Pre-flight check
@@ -416,6 +417,81 @@ A1111 options keep their names: `layer_structure` ("1, 2, 1"), `activation_func`
 learning rate that can be a schedule string, `5e-5:100, 5e-6:1500, 5e-7` (5e-5 until step 100, then 5e-6,
 then 5e-7). A1111's defaults (AdamW, lr 1e-5) are slow but stable; too high a rate gives NaN or noise."""
 
+TEXTUAL_INVERSION_INTRO = """Textual inversion teaches the text encoder **one new word**. The token you choose (`token_string`) gets
+its own rows in the text encoder's embedding table, one per vector (`num_vectors_per_token`), started from
+a word of similar meaning (`init_word`); those rows are the only weights that train. The U-Net, the VAE and
+every other word stay exactly as they were, so the result is a file of a few KB that works with any model of
+the same family (SD1 embeddings with SD1 models, SDXL with SDXL). It learns less than a LoRA (it can only
+find what the model can already draw), but it is small, combines freely with other embeddings and LoRAs, and
+is how **negative embeddings** are made: train on the faults you want gone (bad hands, blur, JPEG noise) and
+put the word in the *negative* prompt.
+
+Using the file: AUTOMATIC1111 loads it from `stable-diffusion-webui/embeddings/`, ComfyUI from
+`models/embeddings/` (written `embedding:sksemb` in a prompt), diffusers with
+`pipe.load_textual_inversion(path, token="sksemb")`. A1111 and ComfyUI take the **file name** as the word, so
+`output_name` is the token. The word must be new to the tokenizer (`sks` is a real token, hence `sksemb`)."""
+
+TEXTUAL_INVERSION = [
+    ("""## 1. Settings
+The form holds the saved `run-textual_inversion.toml` or, without it, T4 starting values. The fields that
+matter: `token_string` (the word), `init_word` (where it starts: `person`, `dog`, `painting`; unset starts
+from zeros as A1111 does), `num_vectors_per_token` (1 for a simple subject, 4-8 for a face or a style, each one
+using a place of the 75 in a prompt) and the prompts it trains on: `template_file` `subject_filewords.txt`
+(A1111: "a photo of a [name], [filewords]" with your captions), or kohya's `use_object_template` /
+`use_style_template`, or your captions when they contain the token. Embeddings train at a high
+`learning_rate` (A1111's 0.005) because only a few hundred numbers change. To continue a stopped run, set
+`resume` to `latest`.""",
+     """from nbkit.ui.forms import ConfigForm
+
+form = ConfigForm(session.config("textual_inversion"), path=session.run_file("textual_inversion"),
+                  title="Textual inversion settings")
+form"""),
+    ("""## 2. Pre-flight check
+The dataset counted as the trainer counts it: images, repeats, steps per epoch and total steps. The preview
+prompts get the token put first (`sample_prompts-<token>.txt`), so the monitor shows what the word means as
+it trains. The VRAM estimator does not model textual inversion yet; the gradients flow back through the
+frozen U-Net, so the memory is close to a LoRA run's at the same resolution and batch size (the LoRA
+notebook's check is an upper bound), and far below a T4's 15 GB at 512 px with batch 1.""",
+     """from nbkit.colab import gpu_info
+from nbkit.ui.preflight import preflight
+
+config = session.token_prompts(form.config())  # previews with the token in the prompt
+session.save_config(config, "textual_inversion")
+datasets = session.datasets(config, "textual_inversion")
+check = preflight(config, "textual_inversion", datasets, gpu=gpu_info(), estimate=False)
+check"""),
+    ("""## 3. Train
+The monitor shows progress with the time left, the loss curve, the previews as they are made, and a **Stop**
+button (the file and the resumable state are saved first). Only the new rows change: the loss barely moves,
+and the previews drift from the `init_word` towards your subject. Too high a rate shows as NaN or as
+previews that ignore the rest of the prompt: lower `learning_rate` or use an earlier save.""",
+     """from nbkit.train.textual_inversion import train_textual_inversion
+from nbkit.ui.monitor import TrainingMonitor
+
+config = session.fit_or_stop(check, config)
+monitor = TrainingMonitor(config, title="Textual inversion")
+display(monitor)
+result = train_textual_inversion(config, datasets, hooks=monitor)"""),
+    ("""## 4. Try it
+The preview prompts, with the token, rendered by the base model that now knows the word (same seeds as
+during training). Put the word anywhere in a prompt; the more vectors, the more it dominates.""",
+     """session.preview(result.pipeline, config)"""),
+    ("""## 5. What is in the file
+kohya's and A1111's `.safetensors` layout: `emb_params` with one row per vector for SD1/SD2, `clip_l` and
+`clip_g` for SDXL (one table per text encoder). `save_as = "pt"` writes A1111's `.pt` instead. These few
+numbers are the whole embedding.""",
+     """from safetensors import safe_open
+
+with safe_open(str(result.embedding_path), "pt") as f:
+    print({key: tuple(f.get_slice(key).get_shape()) for key in f.keys()})"""),
+    ("""## Files
+What the run wrote (final file first, then the intermediate saves). Copy the one you like into
+`embeddings/` of A1111 or `models/embeddings/` of ComfyUI, renamed to the word you want to type (08_export
+copies it to a Drive folder).""",
+     """for path in session.outputs("textual_inversion"):
+    print(path)"""),
+]
+
 # ----------------------------------------------------------------------------------------------- 07
 MERGE = [
     ("""## 1. The inputs
@@ -469,7 +545,7 @@ compare_models(models, session.sample_prompts, resolution=session.config("lora")
 EXPORT = [
     ("""## 1. What to export
 The final file of one training method from this project.""",
-     """METHOD = "lora"  # "lora", "dreambooth" or "hypernetwork"
+     """METHOD = "lora"  # "lora", "dreambooth", "hypernetwork" or "textual_inversion"
 model = session.latest(METHOD)
 print(model)"""),
     ("""## 2. Copy to a Drive folder
@@ -576,7 +652,7 @@ on its own after a runtime reset: it reinstalls nbkit if needed and reads the pr
 sample dataset, with runs of a few steps, in minutes on a CPU.
 
 The notebooks, in order: `01_dataset` → `02_tag` → `03_configure` → `04_train_lora` / `05_train_dreambooth` /
-`06_train_hypernetwork` → `07_merge` → `08_export`.""", SETUP),
+`06_train_hypernetwork` / `06b_train_textual_inversion` → `07_merge` → `08_export`.""", SETUP),
     "01_dataset": ("01 · Dataset: import, check, deduplicate, look", """The dataset decides what the model learns
 more than any setting does. This notebook copies your images into the project, checks them the way the
 trainer will read them, removes near-duplicates and shows every image with its caption.""",
@@ -597,6 +673,8 @@ does not fit, and save the settings to the project for the training notebook."""
     "06_train_hypernetwork": ("06 · Train an A1111 hypernetwork", HYPERNETWORK_INTRO,
                               common("train") + training("hypernetwork", "Hypernetwork", "train_hypernetwork",
                                                          "nbkit.train.hypernetwork")),
+    "06b_train_textual_inversion": ("06b · Train a textual inversion embedding", TEXTUAL_INVERSION_INTRO,
+                                    common("train") + TEXTUAL_INVERSION),
     "07_merge": ("07 · Merge: resize, bake, blend, compare", """What to do with a trained result before sharing
 it: make a LoRA smaller, bake it into a checkpoint that needs no LoRA support, blend checkpoints the way
 A1111's merger does, and compare them all on the same prompts and seeds. Every tool streams tensors, so

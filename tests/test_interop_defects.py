@@ -200,7 +200,7 @@ def test_empty_or_short_reg_subset_is_where_class_images_are_generated(tiny_mode
 def test_empty_reg_data_dir_receives_the_class_images(tmp_path):
     """kohya folders: a reg_data_dir without 'N_class' subfolders yet is where class images go."""
     from nbkit.train.class_images import check_dreambooth_data, class_image_plan
-    from nbkit.train.dreambooth_config import resolve_dreambooth_datasets
+    from nbkit.train.dreambooth_data import resolve_dreambooth_datasets
 
     _instance_folder(tmp_path)
     (tmp_path / "reg").mkdir()
@@ -294,7 +294,8 @@ def test_relative_reg_data_dir_in_a_run_file_is_beside_the_file_for_class_images
     from types import SimpleNamespace
 
     from nbkit.train.class_images import check_dreambooth_data, class_image_plan
-    from nbkit.train.dreambooth_config import DreamBoothTrainConfig, resolve_dreambooth_datasets
+    from nbkit.train.dreambooth_config import DreamBoothTrainConfig
+    from nbkit.train.dreambooth_data import resolve_dreambooth_datasets
     from nbkit.train.run_file import config_from_args
 
     project = tmp_path / "project"

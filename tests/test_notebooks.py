@@ -19,7 +19,7 @@ import pytest
 NOTEBOOK_DIR = Path(__file__).parent.parent / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 STEPS = ("00_setup", "01_dataset", "02_tag", "03_configure", "04_train_lora", "05_train_dreambooth",
-         "06_train_hypernetwork", "07_merge", "08_export")
+         "06_train_hypernetwork", "06b_train_textual_inversion", "07_merge", "08_export")
 MAX_CODE_LINES = 12  # non-blank lines in one code cell (the setup install cell is the longest: 11)
 TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}|(api|access|auth)[_-]?(key|token)\s*=\s*['\"][^'\"]{8,}['\"]", re.I)
 WARNING_LINE = re.compile(r"warn|deprecat|kernels-community|trust check|torchvision|float32", re.I)
@@ -151,3 +151,23 @@ def test_lora_notebook_in_demo_mode_writes_nothing_to_stderr_and_draws_the_xy_gr
     assert len(info["col_labels"]) == 2 and info["seeds"][0] == info["seeds"][-1]
     assert not (project / "samples" / "sample").exists(), "previews belong with the run's in output/sample"
     assert any((project / "output" / "sample").glob("my-lora-lora_*.png"))
+
+
+def test_textual_inversion_notebook_in_demo_mode_trains_an_embedding_and_writes_nothing_to_stderr(tmp_path, monkeypatch):
+    """06b on its own (the dataset made first): the embedding file is the token's name with only the new
+    rows in it, previews carry the token, and not one stderr line."""
+    from safetensors.torch import load_file
+
+    project, done = _run_demo(["06b_train_textual_inversion"], tmp_path, monkeypatch)
+    outputs = [o for c in done["06b_train_textual_inversion"].cells if c.cell_type == "code" for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    stderr = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
+    assert not stderr, f"06b wrote to stderr: {stderr[:3]}"
+    embedding = load_file(project / "output" / "sksemb.safetensors")
+    assert list(embedding) == ["emb_params"] and embedding["emb_params"].shape[0] == 1  # one vector, SD1 layout
+    assert (project / "run-textual_inversion.toml").is_file()
+    prompts = (project / "sample_prompts-sksemb.txt").read_text(encoding="utf-8").splitlines()
+    assert prompts and all(line.startswith("sksemb, ") for line in prompts)
+    assert any((project / "output" / "sample").glob("sksemb_*.png")), "previews of the run"
+    printed = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
+    assert "emb_params" in printed and "sksemb.safetensors" in printed

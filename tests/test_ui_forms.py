@@ -12,6 +12,7 @@ from nbkit.train.config import LoRATrainConfig
 from nbkit.train.dreambooth_config import DreamBoothTrainConfig
 from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
 from nbkit.train.run_file import load_run_config
+from nbkit.train.textual_inversion_config import TextualInversionTrainConfig
 from nbkit.ui.fields import UNSET, describe_fields, parse_text
 from nbkit.ui.forms import CONFIG_CLASSES, METHODS, ConfigForm
 
@@ -28,6 +29,8 @@ VALID = {  # several non-default values per class that pass the trainers' whole-
                                 save_precision="bf16", save_model_as="diffusers"),
     HypernetworkTrainConfig: dict(learning_rate="5e-5:100, 5e-6:1500", enable_sizes=[768, 320], clip_grad_mode="norm",
                                   layer_structure="1, 2, 2, 1", activation_func="swish", normal_std=3e-7),
+    TextualInversionTrainConfig: dict(token_string="mychar", output_name="mychar", init_word="girl",
+                                      num_vectors_per_token=4, learning_rate=5e-3, template_file="style.txt"),
 }
 
 
@@ -232,3 +235,92 @@ def test_base_model_menu_sets_the_architecture_defaults():
     form.set_config(LoRATrainConfig(pretrained_model_name_or_path="/content/drive/MyDrive/mine.safetensors"))
     assert form.base_menu.value == ""  # "my own file, URL or Drive path"
     assert form.config().pretrained_model_name_or_path.endswith("mine.safetensors")
+
+
+# ----------------------------------------------------------------------------- friendly labels and hints
+DATASET_FIELDS = ("dataset_config", "train_data_dir", "reg_data_dir", "class_data_dir", "caption_extension",
+                  "resolution", "train_batch_size", "max_train_steps", "max_train_epochs")
+
+
+@pytest.mark.parametrize("cls", list(METHODS), ids=lambda c: METHODS[c])
+def test_every_field_a_beginner_sees_has_a_plain_label_with_the_option_name_beside_it(cls):
+    """Basic fields of every training method (and the dataset fields) read in plain words; the kohya
+    name stays beside the label and the help text is on hover, so TOML and CLI users find their option."""
+    from nbkit.ui.fields import LABELS
+
+    form = ConfigForm(cls)
+    basic = [c for c in form.controls.values() if c.info.group != "advanced"]
+    shown = [c for c in form.controls.values() if c.info.group != "advanced" or c.info.name in DATASET_FIELDS]
+    assert not [c.info.name for c in shown if c.info.name not in LABELS], "add a label in nbkit.ui.fields.LABELS"
+    assert basic
+    for control in shown:
+        description = control.input.description
+        assert description.startswith(LABELS[control.info.name].replace("&", "&amp;"))
+        assert f">{control.info.name}</small>" in description and control.input.description_allow_html
+        assert control.info.help in control.input.tooltip and control.info.name in control.input.tooltip
+
+
+def test_labels_leave_the_option_names_of_the_file_alone(tmp_path):
+    form = ConfigForm(LoRATrainConfig(network_dim=8))
+    written = load_toml(form.save(tmp_path / "run.toml"))
+    assert written["network_dim"] == 8 and "Network rank (dim)" not in (tmp_path / "run.toml").read_text()
+
+
+def test_learning_rate_hint_follows_the_optimizer():
+    form = ConfigForm(LoRATrainConfig(optimizer_type="AdamW8bit", learning_rate=1e-4))
+    hint = form.controls["learning_rate"]
+    assert "1e-4" in hint.hint_text and "#1b5e20" in hint.hint.value  # fine as it is: no warning colour
+    form.controls["optimizer_type"].set("Prodigy")
+    assert "1.0" in hint.hint_text and "Prodigy" in hint.hint_text and "#8a6d00" in hint.hint.value
+    form.controls["learning_rate"].input.value = "1.0"  # as typed into the box
+    assert "not" not in hint.hint_text and "#1b5e20" in hint.hint.value
+    form.controls["optimizer_type"].set("AdamW")
+    assert "diverges" in hint.hint_text  # 1.0 with AdamW: the beginner's mistake, named
+    ti = ConfigForm(TextualInversionTrainConfig)
+    assert "5e-3" in ti.controls["learning_rate"].hint_text
+
+
+def _small_dataset(tmp_path, images: int = 3, repeats: int = 5):
+    from PIL import Image
+
+    folder = tmp_path / "img"
+    folder.mkdir(parents=True)
+    for i in range(images):
+        Image.new("RGB", (64, 64), (i * 40, 0, 0)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"sks, picture {i}\n", encoding="utf-8")
+    toml = tmp_path / "dataset.toml"
+    save_toml({"datasets": [{"subsets": [{"image_dir": str(folder), "num_repeats": repeats, "caption_extension": ".txt"}]}]}, toml)
+    return toml
+
+
+def test_steps_and_epochs_hints_do_the_arithmetic_for_this_dataset(tmp_path):
+    """3 images × 5 repeats = 15 per epoch; batch 2 -> 8 steps per epoch (kohya rounds the last batch up)."""
+    toml = _small_dataset(tmp_path)
+    form = ConfigForm(LoRATrainConfig(dataset_config=str(toml), resolution=64, train_batch_size=2, max_train_steps=40))
+    steps, epochs = form.controls["max_train_steps"], form.controls["max_train_epochs"]
+    assert "3 images × repeats = 15 images per epoch / batch 2 = 8 steps per epoch" in steps.hint_text
+    assert "40 steps = 5 epochs" in steps.hint_text
+    assert "max_train_steps decides" in epochs.hint_text
+    form.controls["train_batch_size"].input.value = "1"
+    assert "= 15 steps per epoch" in steps.hint_text and "40 steps = 2.67 epochs" in steps.hint_text
+    form.controls["max_train_epochs"].input.value = "3"
+    assert "3 epochs × 15 steps = 45 steps" in epochs.hint_text and "decides (not this field)" in steps.hint_text
+    form.controls["dataset_config"].input.value = str(tmp_path / "missing.toml")
+    assert "not known yet" in steps.hint_text
+    broken = _small_dataset(tmp_path / "broken")
+    (tmp_path / "broken" / "img" / "0.txt").unlink()  # a dataset the trainer would refuse: the hint says why
+    form.controls["dataset_config"].input.value = str(broken)
+    assert "cannot count the dataset" in steps.hint_text and "0.txt" in steps.hint_text
+
+
+def test_count_dataset_matches_the_pre_flight_count(tmp_path):
+    from nbkit.data.train_data import collect_items, steps_per_epoch
+    from nbkit.train.run_file import resolve_datasets
+    from nbkit.ui.forms import count_dataset
+
+    toml = _small_dataset(tmp_path, images=7, repeats=3)
+    counts = count_dataset(toml, 64, 4)
+    config = LoRATrainConfig(dataset_config=str(toml), resolution=64, train_batch_size=4)
+    items = collect_items(resolve_datasets(config, None, None), 0)[0]
+    assert (counts.images, counts.samples, counts.batch) == (7, 21, "4")
+    assert counts.steps_per_epoch == steps_per_epoch(items) == 6

@@ -37,17 +37,8 @@ GPU_MEMORY_GIB: dict[str, float] = {name: gpu.memory_gib for name, gpu in GPUS.i
 
 # Setting's fields in order. A "Class.option" string mirrors that option of a training config class:
 # its name, type, default and help come from the config, so a changed default there is the
-# estimator's default too. A tuple is a field declared here: the estimator's own, or (with "mirrors"
-# in its metadata) one of DreamBoothTrainConfig's, which cannot be imported here yet:
-# nbkit.train.dreambooth_config imports nbkit.train.run_file (resolve_dreambooth_datasets), which
-# imports nbkit.estimate.cli (--auto_fit), an import cycle. tests/test_estimate_units.py checks those
-# three against DreamBoothTrainConfig; once that edge is gone they become "DreamBoothTrainConfig.x".
+# estimator's default too. A tuple is a field the estimator declares for itself.
 # A new memory-relevant option is one more "Class.option" line plus what the simulation does with it.
-def _dreambooth(name: str, default: bool) -> tuple:
-    """A DreamBoothTrainConfig option declared here (see above)."""
-    return name, bool, field(default=default, metadata={"mirrors": f"DreamBoothTrainConfig.{name}"})
-
-
 _LAYOUT: tuple = (
     ("method", str),  # lora | dreambooth | hypernetwork
     ("arch", str, field(default="sd15")),  # sd15 | sd21 | sd21-v | sdxl
@@ -56,12 +47,12 @@ _LAYOUT: tuple = (
     "TrainConfig.gradient_checkpointing",
     "TrainConfig.optimizer_type",
     "TrainConfig.mixed_precision",
-    _dreambooth("train_text_encoder", False),  # LoRA's: not network_train_unet_only
+    "DreamBoothTrainConfig.train_text_encoder",  # LoRA's: not network_train_unet_only
     "LoRATrainConfig.network_dim",
     "LoRATrainConfig.conv_dim",
     "LoRATrainConfig.network_module",  # networks.lora | lycoris.kohya
     "LoRATrainConfig.network_args",  # ["algo=lokr", "factor=8", "dora_wd=True"] there, a tuple here (hashable)
-    _dreambooth("use_ema", False),
+    "DreamBoothTrainConfig.use_ema",
     "TrainConfig.cache_latents",
     "TrainConfig.cache_text_encoder_outputs",
     "TrainConfig.gradient_accumulation_steps",
@@ -69,7 +60,7 @@ _LAYOUT: tuple = (
     # many class images, so the U-Net sees twice the batch. nbkit (like kohya) shuffles class images into
     # the same batches instead: leave it False for nbkit runs.
     ("with_prior_preservation", bool, field(default=False)),
-    _dreambooth("ema_on_cpu", True),
+    "DreamBoothTrainConfig.ema_on_cpu",
     "TrainConfig.sdpa",
     # kohya --full_fp16: trainable weights in fp16 too (no fp32 master weights); no nbkit option
     ("full_fp16", bool, field(default=False)),
@@ -97,9 +88,10 @@ def parse_layer_structure(structure) -> tuple[float, ...]:
 
 def _config_classes() -> dict[str, type]:
     from nbkit.train.config import LoRATrainConfig, TrainConfig
+    from nbkit.train.dreambooth_config import DreamBoothTrainConfig
     from nbkit.train.hypernetwork_config import HypernetworkTrainConfig
 
-    return {cls.__name__: cls for cls in (TrainConfig, LoRATrainConfig, HypernetworkTrainConfig)}
+    return {cls.__name__: cls for cls in (TrainConfig, LoRATrainConfig, DreamBoothTrainConfig, HypernetworkTrainConfig)}
 
 
 def _mirrored_field(entry: str, classes: dict[str, type]) -> tuple[str, object, dataclasses.Field]:

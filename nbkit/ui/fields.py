@@ -12,6 +12,10 @@ message line for validation errors, and converts between the widget and the fiel
 
 An optional field shows "(unset)" when it is ``None``; an empty text box means ``None``
 (so an optional string cannot hold ``""``: empty is unset, as in the TOML file).
+
+Each field is shown with a plain label (:data:`LABELS`) and its kohya option name beside it in small
+text (the name the TOML file and the CLI use), with the help text on hover. Every basic field of every
+training method has a label (a test checks it, so a new basic option needs one here).
 """
 
 from __future__ import annotations
@@ -31,6 +35,43 @@ import ipywidgets as W
 from nbkit.config import _base_type, field_types
 
 UNSET = "(unset)"
+# Plain words for the options a beginner sees; the kohya name stays beside them (and in every file).
+LABELS: dict[str, str] = {
+    # base model and files
+    "pretrained_model_name_or_path": "Base model", "v2": "SD 2.x model", "v_parameterization": "v-prediction model",
+    "vae": "Separate VAE", "output_dir": "Output folder", "output_name": "File name", "save_model_as": "File format",
+    "save_as": "File format", "save_precision": "Saved precision", "save_diffusers": "Also save as diffusers folder",
+    "resume": "Continue from state", "save_state": "Save resumable state",
+    "save_state_every_n_steps": "Resumable state every N steps", "save_optimizer_state": "Save optimizer state",
+    "save_every_n_steps": "Save a file every N steps", "save_every_n_epochs": "Save a file every N epochs",
+    # dataset
+    "dataset_config": "Dataset settings file", "train_data_dir": "Training images folder",
+    "reg_data_dir": "Regularization images folder", "class_data_dir": "Class images folder",
+    "caption_extension": "Caption file extension", "num_repeats": "Repeats per image", "resolution": "Resolution (px)",
+    "enable_sizes": "Train at several sizes", "shuffle_tags": "Shuffle tags", "tag_drop_out": "Tag drop-out",
+    "max_token_length": "Caption length (tokens)", "instance_prompt": "Instance prompt (your subject)",
+    "class_prompt": "Class prompt", "num_class_images": "Number of class images",
+    # training length
+    "train_batch_size": "Batch size", "max_train_steps": "Training steps", "max_train_epochs": "Training epochs",
+    "seed": "Random seed",
+    # optimizer
+    "learning_rate": "Learning rate", "unet_lr": "U-Net learning rate", "text_encoder_lr": "Text encoder learning rate",
+    "learning_rate_te": "Text encoder learning rate", "optimizer_type": "Optimizer", "lr_scheduler": "Learning-rate schedule",
+    "train_text_encoder": "Train the text encoder", "stop_text_encoder_training": "Stop text encoder training at step",
+    # memory and speed
+    "mixed_precision": "Mixed precision", "gradient_checkpointing": "Gradient checkpointing (saves VRAM)",
+    "cache_latents": "Cache latents (faster)", "cache_latents_to_disk": "Cache latents on disk",
+    # networks
+    "network_module": "Network type", "network_dim": "Network rank (dim)", "network_alpha": "Network alpha",
+    "network_train_unet_only": "Train the U-Net only", "layer_structure": "Layer structure",
+    "activation_func": "Activation function",
+    # textual inversion
+    "token_string": "Token (your new word)", "init_word": "Start from word", "num_vectors_per_token": "Vectors per token",
+    "template_file": "Prompt template",
+    # previews
+    "sample_prompts": "Preview prompts file", "sample_every_n_steps": "Preview every N steps",
+    "sample_every_n_epochs": "Preview every N epochs", "sample_at_first": "Preview before training",
+}
 NAME_WIDTH = "230px"
 ERROR_STYLE = "color:#c62828"
 
@@ -47,6 +88,7 @@ class FieldInfo:
     group: str  # basic / advanced
     choices: tuple | None
     default: Any
+    label: str = ""  # plain words (LABELS); empty: the option name alone
 
 
 def _kind(base, choices) -> tuple[str, type | None]:
@@ -74,7 +116,8 @@ def describe_fields(cls) -> list[FieldInfo]:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append(FieldInfo(f.name, kind, optional, item, f.metadata.get("help", ""),
-                             f.metadata.get("group", "basic"), tuple(choices) if choices else None, default))
+                             f.metadata.get("group", "basic"), tuple(choices) if choices else None, default,
+                             LABELS.get(f.name, "")))
     return out
 
 
@@ -147,22 +190,24 @@ class FieldControl:
         self._options: list[Any] = []
         tip = f"{info.name}: {info.help}" if info.help else info.name
         style = {"description_width": NAME_WIDTH}
+        label = field_label(info)
         layout = W.Layout(width="560px", flex="0 0 auto")
         if info.kind == "bool":
-            self.input = W.Checkbox(value=bool(info.default), description=info.name, tooltip=tip, indent=True,
-                                    style=style, layout=layout)
+            self.input = W.Checkbox(value=bool(info.default), description=label, tooltip=tip, indent=True,
+                                    description_allow_html=True, style=style, layout=layout)
         elif info.kind in ("optbool", "choice"):
             self._options = [None] if info.optional else []
             self._options += [True, False] if info.kind == "optbool" else list(info.choices or ())
-            self.input = W.Dropdown(options=self._labels(), description=info.name, tooltip=tip, style=style,
-                                    layout=layout)
+            self.input = W.Dropdown(options=self._labels(), description=label, tooltip=tip, style=style,
+                                    description_allow_html=True, layout=layout)
         else:
-            self.input = W.Text(description=info.name, tooltip=tip, placeholder=UNSET if info.optional else "",
-                                continuous_update=False, style=style, layout=layout)
+            self.input = W.Text(description=label, tooltip=tip, placeholder=UNSET if info.optional else "",
+                                description_allow_html=True, continuous_update=False, style=style, layout=layout)
         self.help = W.HTML(f"<small style='color:#666'>{html.escape(info.help)}</small>",
                            layout=W.Layout(flex="1 1 auto", margin="0 0 0 8px"))
         self.message = W.HTML(layout=W.Layout(display="none", margin="0 0 4px 238px"))
-        self.box = W.VBox([W.HBox([self.input, self.help]), self.message])
+        self.hint = W.HTML(layout=W.Layout(display="none", margin="0 0 4px 238px"))  # numbers for this run
+        self.box = W.VBox([W.HBox([self.input, self.help]), self.hint, self.message])
         self.set(info.default)
 
     def _labels(self) -> list[str]:
@@ -209,6 +254,16 @@ class FieldControl:
             self.check(value)
         return value
 
+    def show_hint(self, text: str, warn: bool = False) -> None:
+        """A line under the field with what its value means for this run ('' hides it)."""
+        style = "color:#8a6d00" if warn else "color:#1b5e20"
+        self.hint.value = f"<small style='{style}'>{html.escape(text)}</small>" if text else ""
+        self.hint.layout.display = None if text else "none"
+
+    @property
+    def hint_text(self) -> str:
+        return html.unescape(re.sub(r"<[^>]+>", "", self.hint.value)).strip()
+
     def show_error(self, text: str) -> None:
         self.message.value = f"<span style='{ERROR_STYLE}'>&#9888; {html.escape(text)}</span>"
         self.message.layout.display = None
@@ -221,3 +276,10 @@ class FieldControl:
     def error(self) -> str:
         """The message shown next to the field ('' when none), as plain text."""
         return html.unescape(re.sub(r"<[^>]+>", "", self.message.value)).replace("\u26a0", "").strip()
+
+
+def field_label(info: FieldInfo) -> str:
+    """The widget's description: the plain label with the option name beside it in small grey text
+    (HTML; the option name alone when the field has no label)."""
+    name = f"<small style='color:#888'>{html.escape(info.name)}</small>"
+    return f"{html.escape(info.label)} {name}" if info.label else html.escape(info.name)

@@ -13,9 +13,11 @@ CLI reads: ``nbkit train lora --config run.toml``). Only ``nbkit.ui`` imports ip
 from __future__ import annotations
 
 import html
+import math
 import re
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +29,22 @@ from nbkit.tag.config import BlipCaptionConfig, WD14Config
 from nbkit.train.config import LoRATrainConfig
 from nbkit.train.dreambooth_config import DreamBoothTrainConfig, check_options
 from nbkit.train.hypernetwork_config import HypernetworkTrainConfig, check_hypernetwork_config
+from nbkit.train.textual_inversion_config import TextualInversionTrainConfig
 from nbkit.ui.fields import ERROR_STYLE, FieldControl, describe_fields
 
 # Every config class a form supports. The dataset specs (nbkit.data.dataset_config) are not form
 # targets: SubsetSpec needs an image_dir, DatasetSpec nests subsets; the dataset notebook writes them.
 CONFIG_CLASSES: tuple[type, ...] = (
-    LoRATrainConfig, DreamBoothTrainConfig, HypernetworkTrainConfig, WD14Config, BlipCaptionConfig,
+    LoRATrainConfig, DreamBoothTrainConfig, HypernetworkTrainConfig, TextualInversionTrainConfig, WD14Config,
+    BlipCaptionConfig,
 )
 METHODS: dict[type, str] = {
     LoRATrainConfig: "lora", DreamBoothTrainConfig: "dreambooth", HypernetworkTrainConfig: "hypernetwork",
+    TextualInversionTrainConfig: "textual_inversion",
 }
+# The usual learning rate of each method with Adam-type optimizers (AdamW, AdamW8bit, ...).
+ADAM_RATES = {"lora": ("1e-4", "1e-4 (5e-5 for the text encoder)"), "dreambooth": ("2e-6", "1e-6 to 5e-6"),
+              "hypernetwork": ("1e-5", "5e-6 to 5e-5 (A1111: 1e-5)"), "textual_inversion": ("5e-3", "5e-3 (A1111)")}
 NO_PRESET = "(choose a preset)"
 
 
@@ -108,10 +116,55 @@ class ConfigForm:
         self.save_button.on_click(lambda _b: self._button(self.save))
         self.load_button.on_click(lambda _b: self._button(self.load))
         self.widget = self._layout(title or f"{self.cls.__name__} settings")
+        self.method = next((m for c, m in METHODS.items() if issubclass(self.cls, c)), None)
+        self._counts: dict[tuple, DatasetCounts | str] = {}
+        self._holding = False  # set_config changes many fields: the hints follow once, at the end
         if not isinstance(config_or_class, type):
             self.set_config(config_or_class)
         elif path and Path(path).is_file():
             self._button(self.load)
+        for name in HINT_INPUTS:
+            if name in self.controls:
+                self.controls[name].input.observe(lambda _c: self._holding or self.update_hints(), names="value")
+        self.update_hints()
+
+    # ------------------------------------------------------------------ hints
+    def _value(self, name: str) -> Any:
+        try:
+            return self.controls[name].get() if name in self.controls else None
+        except ValueError:
+            return None
+
+    def dataset_counts(self) -> DatasetCounts | None:
+        """Images, repeats and steps per epoch of the form's dataset (its ``dataset_config`` or
+        ``train_data_dir``), or None when it is not known yet; cached per file, resolution and batch."""
+        source = self._value("dataset_config") or self._value("train_data_dir")
+        self.count_error = ""
+        if not source or not Path(str(source)).expanduser().exists():
+            return None
+        key = (str(source), self._value("resolution"), self._value("train_batch_size"),
+               self._value("gradient_accumulation_steps") or 1, Path(str(source)).expanduser().stat().st_mtime)
+        if key not in self._counts:
+            try:
+                self._counts[key] = count_dataset(*key[:4])
+            except (ValueError, OSError) as err:
+                self._counts[key] = str(err)
+        found = self._counts[key]
+        self.count_error = found if isinstance(found, str) else ""
+        return found if isinstance(found, DatasetCounts) else None
+
+    def update_hints(self) -> None:
+        """The lines under learning_rate and max_train_steps / max_train_epochs, from the current values."""
+        if "learning_rate" in self.controls:
+            text, warn = learning_rate_hint(self._value("optimizer_type"), self._value("learning_rate"), self.method)
+            self.controls["learning_rate"].show_hint(text, warn)
+        if "max_train_steps" in self.controls:
+            counts = self.dataset_counts()
+            steps, epochs = self._value("max_train_steps"), self._value("max_train_epochs")
+            text = f"cannot count the dataset: {self.count_error}" if self.count_error else steps_hint(counts, steps, epochs)
+            self.controls["max_train_steps"].show_hint(text, warn=bool(self.count_error))
+            if "max_train_epochs" in self.controls:
+                self.controls["max_train_epochs"].show_hint(epochs_hint(counts, epochs))
 
     # ------------------------------------------------------------------ layout
     def _presets(self, names: list[str] | None) -> list[Preset]:
@@ -183,10 +236,16 @@ class ConfigForm:
         """Show ``config``'s values (an object of the form's class)."""
         if not isinstance(config, self.cls):
             raise TypeError(f"this form edits {self.cls.__name__}, got {type(config).__name__}")
-        for name, control in self.controls.items():
-            control.set(getattr(config, name))
+        self._holding = True
+        try:
+            for name, control in self.controls.items():
+                control.set(getattr(config, name))
+        finally:
+            self._holding = False
         self.message.value = ""
         self._show_base_model()
+        if hasattr(self, "method"):  # not while __init__ builds the form
+            self.update_hints()
 
     def apply_preset(self, name: str) -> None:
         """Set the preset's values in the form (the other fields keep theirs), as ``apply_preset``."""
@@ -289,3 +348,88 @@ class ConfigForm:
             action()
         except ConfigError as err:
             self.status.value = f"<span style='{ERROR_STYLE}'>{html.escape(str(err))}</span>"
+
+
+# ----------------------------------------------------------------------------- hint arithmetic
+HINT_INPUTS = ("learning_rate", "optimizer_type", "max_train_steps", "max_train_epochs", "train_batch_size",
+               "dataset_config", "train_data_dir", "resolution", "gradient_accumulation_steps")
+ADAPTIVE = ("prodigy", "dadapt")  # optimizers that find their own step size: learning_rate is a multiplier
+
+
+@dataclass(frozen=True)
+class DatasetCounts:
+    """What one epoch of a dataset is: images, images × repeats, the batch size(s), optimizer steps."""
+
+    images: int
+    samples: int  # images x repeats
+    batch: str  # "2", or "1/2" when the datasets differ
+    steps_per_epoch: int
+
+    def line(self) -> str:
+        simple = math.ceil(self.samples / int(self.batch)) if self.batch.isdigit() else None
+        rounding = "" if simple in (None, self.steps_per_epoch) else " (aspect-ratio buckets round up each bucket)"
+        return (f"{self.images} images × repeats = {self.samples} images per epoch / batch {self.batch} = "
+                f"{self.steps_per_epoch} steps per epoch{rounding}")
+
+
+def count_dataset(source: str | Path, resolution: int | None, batch_size: int | None,
+                  gradient_accumulation_steps: int = 1) -> DatasetCounts:
+    """Count a dataset TOML or image folder as the trainer does (kohya's images × repeats / batch)."""
+    from nbkit.data.check import load_datasets
+    from nbkit.data.train_data import collect_items, steps_per_epoch
+
+    specs = load_datasets(Path(source).expanduser(), resolution, batch_size)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pre-flight check and the trainer report these
+        items = collect_items(specs, 0)[0]
+    items = [it for it in items if not it.subset.is_reg]
+    batches = sorted({ds.batch_size for ds in specs})
+    return DatasetCounts(len(items), sum(it.repeats for it in items), "/".join(map(str, batches)),
+                         steps_per_epoch(items, None, gradient_accumulation_steps))
+
+
+def steps_hint(counts: DatasetCounts | None, max_train_steps: int | None, max_train_epochs: int | None) -> str:
+    """Next to max_train_steps: what the steps are in epochs of this dataset."""
+    if counts is None:
+        return "steps per epoch = images × repeats / batch size (the dataset is not known yet)"
+    if max_train_epochs:
+        return f"{counts.line()}; max_train_epochs is set, so it decides (not this field)"
+    if not max_train_steps:
+        return counts.line()
+    epochs = max_train_steps / max(1, counts.steps_per_epoch)
+    return f"{counts.line()}: {max_train_steps} steps = {epochs:.3g} epochs"
+
+
+def epochs_hint(counts: DatasetCounts | None, max_train_epochs: int | None) -> str:
+    """Next to max_train_epochs: the steps the epochs make (when set)."""
+    if not max_train_epochs:
+        return "unset: max_train_steps decides the length" if counts is not None else ""
+    if counts is None:
+        return f"{max_train_epochs} epochs × steps per epoch (the dataset is not known yet)"
+    total = max_train_epochs * counts.steps_per_epoch
+    return f"{max_train_epochs} epochs × {counts.steps_per_epoch} steps = {total} steps (replaces max_train_steps)"
+
+
+def learning_rate_hint(optimizer: str | None, learning_rate: Any, method: str | None) -> tuple[str, bool]:
+    """(the line next to learning_rate, whether it is a warning): what the optimizer expects."""
+    name = str(optimizer or "AdamW")
+    try:
+        rate = float(str(learning_rate).strip()) if learning_rate is not None else None
+    except ValueError:
+        rate = None  # an A1111 schedule string (hypernetworks)
+    if any(name.lower().startswith(a) for a in ADAPTIVE):
+        advice = f"{name} finds its own step size: learning_rate (and unet_lr/text_encoder_lr) = 1.0"
+        return (advice + f", not {learning_rate}", True) if rate is not None and not 0.1 <= rate <= 10 else (advice, False)
+    if name.lower().startswith("adafactor"):
+        return ("Adafactor: with relative_step (the default) it sets its own rate; with relative_step=False use "
+                "about 1e-4 for a LoRA and a constant schedule", False)
+    typical, text = ADAM_RATES.get(method or "lora", ADAM_RATES["lora"])
+    lion = name.lower().startswith(("lion", "pagedlion"))
+    if lion:
+        typical, text = f"{float(typical) / 5:.0e}", f"3-10 times lower than AdamW's {text}"
+    advice = f"{name}: usually {text}"
+    if rate is not None and rate >= 0.1 and method != "textual_inversion":
+        return f"{advice}; {learning_rate} is a Prodigy/DAdapt value: with {name} it diverges (NaN)", True
+    if rate is not None and rate > 0 and not 0.05 <= rate / float(typical) <= 20:
+        return f"{advice}; {learning_rate} is far from that", True
+    return advice, False

@@ -174,7 +174,7 @@ def _resolve(config, method: str, datasets):
     if datasets is not None:
         return load_datasets(datasets, config.resolution, config.train_batch_size)[0]
     if method == "dreambooth":
-        from nbkit.train.dreambooth_config import resolve_dreambooth_datasets
+        from nbkit.train.dreambooth_data import resolve_dreambooth_datasets
 
         return resolve_dreambooth_datasets(config, None, None)
     if method == "hypernetwork" and getattr(config, "train_data_dir", None):

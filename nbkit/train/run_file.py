@@ -60,9 +60,9 @@ def run_config_dict(config, datasets_raw: dict[str, Any] | None = None) -> dict[
 
 def config_from_args(args, cls: type[T]) -> tuple[T, dict[str, Any], Path]:
     """(config, inline datasets, base folder) from ``--config run.toml`` plus the CLI flags over it."""
-    from nbkit.config import merge_cli
-
     import dataclasses
+
+    from nbkit.config import merge_cli
 
     run_file = getattr(args, "config", None)
     explicit = set(vars(args))  # flags given (argparse leaves the others out of the namespace)

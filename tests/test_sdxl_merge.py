@@ -389,25 +389,38 @@ def test_lycoris_picks_kohyas_sdxl_unet_modules():
             assert any(s.endswith("_in_layers_2") for s in stems) and any(s.endswith("_0_op") for s in stems)
 
 
-def test_sdxl_loha_loads_in_lycoris_on_kohyas_unet_names(loha, sdxl_model):
-    """A LoHa trained on the tiny SDXL, loaded by the lycoris package's own loader
-    (``create_lycoris_from_weights``) into a fresh U-Net seen under kohya's SGM module paths, gives the
-    U-Net output of nbkit's in-memory model; every U-Net stem finds its module."""
+def _same_output_in_lycoris(result, sdxl_model, marker: str) -> None:
+    """The trained file, loaded by the lycoris package's own loader (``create_lycoris_from_weights``)
+    into a fresh U-Net seen under kohya's SGM module paths, gives the U-Net output of nbkit's in-memory
+    model; every U-Net stem finds its module."""
     import lycoris
 
     logging.getLogger("LyCORIS").setLevel(logging.ERROR)
-    sd = load_file(str(loha.lora_path))
+    sd = load_file(str(result.lora_path))
     unet_sd = {"lycoris_" + k.removeprefix("lora_unet_"): v for k, v in sd.items() if k.startswith("lora_unet_")}
-    assert any(".hada_w1_a" in k for k in unet_sd)
+    assert any(marker in k for k in unet_sd)
     fresh = _fresh(sdxl_model[0])
     base = _unet_out(fresh.unet)
     network, _ = lycoris.create_lycoris_from_weights(1.0, None, _sgm_view(fresh.unet, sdxl_model[1]), weights_sd=unet_sd)
     assert len(network.loras) == len({k.partition(".")[0] for k in unet_sd})  # no stem left unmatched
     network.apply_to()
-    theirs, ours = _unet_out(fresh.unet), _unet_out(loha.pipeline.unet)
+    theirs, ours = _unet_out(fresh.unet), _unet_out(result.pipeline.unet)
     diff = (theirs - ours).abs().max().item()
-    print(f"SDXL LoHa in LyCORIS vs nbkit: U-Net max abs diff {diff:.3g}")
+    print(f"SDXL {marker} in LyCORIS vs nbkit: U-Net max abs diff {diff:.3g}")
     assert diff < 1e-5 and (ours - base).abs().max().item() > 1e-4
+
+
+def test_sdxl_loha_loads_in_lycoris_on_kohyas_unet_names(loha, sdxl_model):
+    _same_output_in_lycoris(loha, sdxl_model, ".hada_w1_a")
+
+
+def test_sdxl_lokr_with_dora_loads_in_lycoris_on_kohyas_unet_names(sdxl_model, data, tmp_path):
+    """LoKr with DoRA-style weight decomposition on the SDXL U-Net, as LyCORIS reads it."""
+    result = _train(sdxl_model[0], data, tmp_path, network_module="lycoris.kohya", network_dim=4, network_alpha=2.0,
+                    network_args=["algo=lokr", "factor=4", "dora_wd=True", "preset=attn-mlp"],
+                    network_train_unet_only=True)  # fmt: skip
+    assert any(k.endswith(".dora_scale") for k in load_file(str(result.lora_path)))
+    _same_output_in_lycoris(result, sdxl_model, ".lokr_w1")
 
 
 def test_sdxl_loha_continues_and_merges(loha, sdxl_model, tmp_path):

@@ -288,6 +288,24 @@ def read_grid_info(path: str | Path) -> dict:
         return json.loads(im.text["nbkit_xy"])
 
 
+def load_embeddings(pipeline, paths: Sequence[str | Path]) -> list[str]:
+    """Textual-inversion files into the pipeline as A1111 reads its embeddings folder: a file's stem is
+    its prompt word (kohya/nbkit ``.safetensors`` with ``emb_params`` or ``clip_l``/``clip_g``, or an A1111
+    ``.pt``, read with ``weights_only``). Loaded with diffusers' ``load_textual_inversion``, which expands a
+    multi-vector word; returns the words."""
+    from nbkit.formats.embeddings import load_embedding_file
+
+    words = []
+    for path in map(Path, paths):
+        vectors, _ = load_embedding_file(path)
+        for part, rows in vectors.items():  # text_encoder (and SDXL's text_encoder_2)
+            tokenizer = getattr(pipeline, "tokenizer" if part == "text_encoder" else "tokenizer_2")
+            pipeline.load_textual_inversion(rows, token=path.stem, text_encoder=getattr(pipeline, part),
+                                            tokenizer=tokenizer)
+        words.append(path.stem)
+    return words
+
+
 # ----------------------------------------------------------------------------- the command
 def add_commands(sub) -> None:
     """``nbkit generate``: an X/Y grid (or one column of prompts) from the command line."""
@@ -308,6 +326,8 @@ def add_commands(sub) -> None:
     gen.add_argument("--size", type=int, default=512, help="image size of prompts without --w/--h (default 512)")
     gen.add_argument("--sampler", default="euler_a", help="sampler of prompts without --ss (default euler_a)")
     gen.add_argument("--clip_skip", type=int, help="2 for many anime models")
+    gen.add_argument("--embeddings", nargs="+", default=[],
+                     help="textual-inversion files; each file's name is its word in the prompts (as in A1111)")
     gen.add_argument("--out", default="xy-grid.png", help="the grid PNG (default ./xy-grid.png)")
     gen.set_defaults(func=_cmd_generate)
 
@@ -333,6 +353,7 @@ def _cmd_generate(args) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float16 if device == "cuda" else torch.float32
     pipeline, _ = load_pipeline(args.model, device=device, torch_dtype=dtype)
+    load_embeddings(pipeline, args.embeddings)
     grid = xy_grid(pipeline, rows=axes[rows], cols=axes[cols], prompt=lines[0] if lines else None,
                    network=args.network, network_dirs=args.network_dir, seed=args.seed, default_size=args.size,
                    sampler=args.sampler, clip_skip=args.clip_skip, out=args.out)

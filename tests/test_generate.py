@@ -111,3 +111,26 @@ def test_strengths_axis_and_lora_tags(run, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such"):
         xy_grid(pipe, rows=Axis.prompts(["<lora:no_such:1> x --w 64 --h 64 --s 2"]), cols=Axis.strengths([1.0]),
                 network=final, network_dirs=[folder / "out"])
+
+
+def test_embeddings_load_by_file_name_as_a1111_does(tmp_path):
+    """`nbkit generate --embeddings`: a file's stem becomes its prompt word (A1111's embeddings folder);
+    every vector of a multi-vector embedding lands in the text encoder's rows of its tokens, and the
+    word in a prompt expands to all of them."""
+    import torch
+
+    from nbkit.formats.embeddings import save_safetensors_embedding
+    from nbkit.generate import load_embeddings
+    from nbkit.models.load import load_pipeline
+    from nbkit.models.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "tiny", arch="sd15", seed=0)["diffusers"]
+    pipe, _ = load_pipeline(str(model))
+    width = pipe.text_encoder.get_input_embeddings().weight.shape[1]
+    rows = torch.randn(2, width, generator=torch.Generator().manual_seed(3))
+    path = save_safetensors_embedding({"text_encoder": rows}, tmp_path / "shinystyle.safetensors")
+    assert load_embeddings(pipe, [path]) == ["shinystyle"]
+    ids = pipe.tokenizer.convert_tokens_to_ids(["shinystyle", "shinystyle_1"])
+    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids].detach(), rows)
+    prompt = pipe.maybe_convert_prompt("a photo of shinystyle", pipe.tokenizer)
+    assert prompt.split()[-2:] == ["shinystyle", "shinystyle_1"]

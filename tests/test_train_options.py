@@ -220,3 +220,36 @@ def test_every_preset_is_a_valid_config_of_its_method(name):
     preset = PRESETS[name]
     config = apply_preset(config_class(preset.method)(pretrained_model_name_or_path="x"), name).checked()
     assert all(getattr(config, k) == v for k, v in preset.values.items() if hasattr(config, k))
+
+
+def test_a_frozen_cached_text_encoder_is_not_handed_to_accelerate(tiny_model_dirs, tmp_path, monkeypatch):
+    """accelerate's prepare() moves every model it gets to the training device: a text encoder that
+    cached its outputs and left the GPU must not go back (on a T4, SDXL's two encoders are ~1.6 GB).
+    One that trains must be prepared (DDP, precision)."""
+    import accelerate
+
+    from nbkit.demo import make_sample_dataset
+    from nbkit.train.config import LoRATrainConfig
+    from nbkit.train.run_file import resolve_datasets
+
+    prepared: list = []
+    original = accelerate.Accelerator.prepare
+
+    def recording(self, *args, **kwargs):
+        prepared.append([type(a).__name__ for a in args])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(accelerate.Accelerator, "prepare", recording)
+    model_dir, _ = tiny_model_dirs("sd15")
+    images = make_sample_dataset(tmp_path / "imgs", size=64)
+    raw = {"datasets": [{"subsets": [{"image_dir": str(images), "caption_extension": ".txt"}]}]}
+    base = dict(pretrained_model_name_or_path=str(model_dir), resolution=64, max_train_steps=1, optimizer_type="AdamW",
+                mixed_precision="no", gradient_checkpointing=False, network_dim=2, network_alpha=1.0)
+    for frozen in (True, False):
+        config = LoRATrainConfig(**base, output_dir=str(tmp_path / f"out{frozen}"), network_train_unet_only=frozen,
+                                 cache_text_encoder_outputs=frozen)
+        prepared.clear()
+        result = train_lora(config, resolve_datasets(config, raw, tmp_path), device="cpu")
+        assert ("CLIPTextModel" in prepared[-1]) is not frozen, prepared
+        if frozen:
+            assert next(result.pipeline.text_encoder.parameters()).device.type == "cpu"

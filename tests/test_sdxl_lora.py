@@ -363,3 +363,30 @@ def test_previews_render_with_the_sdxl_pipeline_and_show_the_lora(sdxl_model, da
     a, b = (np.asarray(Image.open(p).convert("RGB"), dtype=np.int16) for p in (first, last))
     assert a.shape == b.shape == (64, 64, 3)
     assert np.abs(a - b).max() > 0, "the step-2 preview equals the untrained one: the LoRA is not in the preview"
+
+
+def test_a_ztsnr_v_pred_file_trains_with_zero_terminal_snr(tmp_path, data):
+    """A v-pred SDXL single file with ComfyUI's ztsnr marker (NoobAI-XL v-pred) trains with a
+    zero-terminal-SNR schedule as if zero_terminal_snr were set; the same weights without the marker
+    train without it unless asked."""
+    from nbkit.formats.sgm_checkpoint import save_sdxl_pipeline_as_single_file
+    from nbkit.models.load import load_pipeline
+    from nbkit.models.tiny import make_tiny_model
+    from nbkit.train.lora import train_lora
+    from nbkit.train.run_file import resolve_datasets
+
+    folder = make_tiny_model(tmp_path / "vpred", arch="sdxl", seed=0, v_pred=True)["diffusers"]
+    pipe, _ = load_pipeline(str(folder))
+    marked = save_sdxl_pipeline_as_single_file(pipe, tmp_path / "marked.safetensors", ztsnr=True)
+    plain = save_sdxl_pipeline_as_single_file(pipe, tmp_path / "plain.safetensors", ztsnr=False)
+    raw = {"datasets": [{"subsets": [{"image_dir": str(data), "caption_extension": ".txt"}]}]}
+
+    def first_loss(model, **options) -> float:
+        config = _config(model, tmp_path / f"out-{model.stem}-{len(options)}", resolution=64, max_train_steps=1,
+                         **options)
+        assert load_pipeline(str(model))[1].v_parameterization
+        return train_lora(config, resolve_datasets(config, raw, data.parent), device="cpu").losses[0]
+
+    marked_loss = first_loss(marked)
+    assert marked_loss == pytest.approx(first_loss(plain, zero_terminal_snr=True), abs=1e-6)
+    assert abs(marked_loss - first_loss(plain)) > 1e-4

@@ -49,8 +49,9 @@ def train(method, datasets: list, hooks=None, pipeline=None, model_info=None, de
     # ---- optimizer, schedule, noise schedule; then resume the exact position
     run.optimizer, run.lr_scheduler = method.optimizer(run)
     method.prepare(run)  # accelerate wraps the models, optimizer and schedule
+    # zero terminal SNR when asked, or when the model was trained so (NoobAI-XL v-pred's ztsnr marker)
     run.noise_scheduler = prepare_noise_scheduler("v_prediction" if run.info.v_parameterization else "epsilon",
-                                                  config.zero_terminal_snr)
+                                                  config.zero_terminal_snr or run.info.zero_terminal_snr)
     prompts = load_sample_prompts(config.sample_prompts) if config.sample_prompts else []
     run.progress = resume(run, method, state_path)
 

@@ -311,9 +311,15 @@ def _check_arch(pipe: Any, arch: str) -> tuple[str, bool, str]:
 
 def single_file_metadata(pipe: Any, arch: str, title: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """String metadata for a full checkpoint: ``format``, ``modelspec.*`` and ``nbkit.diffusers_config``."""
+    architecture, _, prediction = _check_arch(pipe, arch)
+    return checkpoint_metadata(pipe, architecture, prediction, title, extra)
+
+
+def checkpoint_metadata(pipe: Any, architecture: str, prediction: str, title: str,
+                        extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """``format``, ``modelspec.*`` (SD1/SD2 and SDXL alike) and ``nbkit.diffusers_config``, plus ``extra``."""
     from nbkit.models.config_dirs import diffusers_config_payload
 
-    architecture, _, prediction = _check_arch(pipe, arch)
     scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     size = int(pipe.unet.config.sample_size) * scale
     meta = {

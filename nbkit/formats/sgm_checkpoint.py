@@ -39,8 +39,6 @@ import torch
 from nbkit.formats.ldm_checkpoint import (
     _OPENCLIP_LAYER,
     _OPENCLIP_TOP,
-    CONFIG_METADATA_KEY,
-    IMPLEMENTATION,
     SD1_TE_PREFIX,
     SD2_TE_PREFIX,
     UNET_PREFIX,
@@ -263,27 +261,9 @@ def sdxl_pipeline_to_sgm(pipe: Any, *, extras: bool = True, v_pred: bool = False
 
 def sdxl_metadata(pipe: Any, title: str, *, v_pred: bool, extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """``format``, ``modelspec.*`` and ``nbkit.diffusers_config`` for an SDXL checkpoint."""
-    import json
+    from nbkit.formats.ldm_checkpoint import checkpoint_metadata
 
-    from nbkit.models.config_dirs import diffusers_config_payload
-
-    scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
-    size = int(pipe.unet.config.sample_size) * scale
-    meta = {
-        "format": "pt",
-        "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": SDXL_ARCHITECTURE,
-        "modelspec.implementation": IMPLEMENTATION,
-        "modelspec.title": title,
-        "modelspec.resolution": f"{size}x{size}",
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        CONFIG_METADATA_KEY: json.dumps(diffusers_config_payload(pipe), sort_keys=True),
-    }
-    for key, value in (extra or {}).items():
-        if not isinstance(value, str):
-            raise TypeError(f"safetensors metadata values must be str: {key!r} is {type(value).__name__}")
-        meta[key] = value
-    return meta
+    return checkpoint_metadata(pipe, SDXL_ARCHITECTURE, "v" if v_pred else "epsilon", title, extra)
 
 
 def save_sdxl_pipeline_as_single_file(
